@@ -1,0 +1,1 @@
+"""Shipped corpora and the code that turns text into training batches."""

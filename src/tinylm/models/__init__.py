@@ -1,0 +1,19 @@
+"""Model families. Each lives in its own file; this registry maps a run dir's
+`model.json` "family" onto its class and config dataclass."""
+
+from __future__ import annotations
+
+import importlib
+
+# family -> (module, model class, config class)
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "gpt": ("tinylm.models.gpt", "GPT", "GPTConfig"),
+}
+
+
+def family_classes(family: str) -> tuple[type, type]:
+    if family not in FAMILIES:
+        raise KeyError(family)
+    module, model_cls, config_cls = FAMILIES[family]
+    mod = importlib.import_module(module)
+    return getattr(mod, model_cls), getattr(mod, config_cls)

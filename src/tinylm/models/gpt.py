@@ -1,0 +1,160 @@
+"""GPT: a decoder-only language model (Radford et al. 2018/2019), with modern switches.
+
+Every choice that wins at small scale in modded-nanogpt and nanochat is a config switch:
+rotary positions, RMSNorm, QK-norm, ReLU² or SwiGLU MLP, an untied output head, zero-init
+output projections and a tanh logit soft-cap. `gpt2_style()` turns them all back into GPT-2
+(learned positions, LayerNorm with biases, GELU, tied head). `depth` is a size dial: set it and
+width and heads follow (d_model = 64 * depth, one head per 64 dims), as in nanochat.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm.models.layers import Block, KVCache, Rotary, make_norm
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    block_size: int = 256  # context length
+    depth: int = 0  # size dial: if > 0, sets n_layer=depth, d_model=64*depth, n_head=depth
+    n_layer: int = 6
+    n_head: int = 6
+    d_model: int = 384
+    mlp: str = "relu2"  # relu2 | swiglu | gelu | relu
+    mlp_ratio: float = 4.0  # hidden = mlp_ratio * d_model (swiglu: 2/3 of that, as Llama)
+    norm: str = "rms"  # rms | layer
+    pos: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    zero_init: bool = True  # output projections start at zero (modded-nanogpt)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap)
+    bias: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.depth > 0:
+            self.n_layer, self.d_model, self.n_head = self.depth, 64 * self.depth, self.depth
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.pos == "rope" and (self.d_model // self.n_head) % 2:
+            raise ValueError("rotary positions need an even head size (d_model / n_head)")
+        for name, value, options in (("mlp", self.mlp, ("relu2", "swiglu", "gelu", "relu")),
+                                     ("norm", self.norm, ("rms", "layer")),
+                                     ("pos", self.pos, ("rope", "learned"))):
+            if value not in options:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+    @property
+    def hidden(self) -> int:
+        h = int(self.mlp_ratio * self.d_model)
+        return int(2 * h / 3) // 8 * 8 if self.mlp == "swiglu" else h
+
+
+def gpt2_style(**overrides) -> GPTConfig:
+    """The GPT-2 recipe: learned positions, LayerNorm + biases, GELU, tied embeddings."""
+    base = dict(mlp="gelu", norm="layer", pos="learned", qk_norm=False, tie_embeddings=True,
+                zero_init=False, bias=True)
+    return GPTConfig(**(base | overrides))
+
+
+class GPT(nn.Module):
+    family = "gpt"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        self.pos_emb = nn.Embedding(c.block_size, c.d_model) if c.pos == "learned" else None
+        rotary = Rotary(c.d_model // c.n_head, c.rope_theta) if c.pos == "rope" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_head, c.hidden, mlp=c.mlp, norm=c.norm, bias=c.bias,
+                  qk_norm=c.qk_norm, rotary=rotary, dropout=c.dropout, causal=True)
+            for _ in range(c.n_layer)
+        )
+        self.norm_f = make_norm(c.norm, c.d_model, c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init)
+        for block in self.blocks:  # residual-branch outputs: zero, or scaled down as GPT-2
+            for proj in (block.attn.proj, block.mlp.proj):
+                if c.zero_init:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_emb.weight.numel()
+            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        return n
+
+    def flops_per_token(self, T: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix:
+        6 per non-embedding weight, plus attention's 12 * n_layer * d_model * T."""
+        c = self.config
+        T = T or c.block_size
+        return 6 * self.num_params(embeddings=False) + 12 * c.n_layer * c.d_model * T
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = idx.shape
+        positions = cache.positions(T, idx.device) if cache is not None else None
+        mask = cache.mask(T, idx.device) if cache is not None else None
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            p = positions if positions is not None else torch.arange(T, device=idx.device)
+            x = x + self.pos_emb(p)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, cache=cache, layer=i, positions=positions)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm_f(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns logits (B, T, V), or the mean cross-entropy against
+        `targets` (B, T) when given (positions with target -100 are ignored)."""
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than block_size="
+                             f"{self.config.block_size}")
+        logits = self.logits(self.hidden_states(idx))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100)
+
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) for `idx` continuing what `cache` already holds; fills the cache."""
+        if cache.pos + idx.shape[1] > self.config.block_size and self.pos_emb is not None:
+            raise ValueError(f"context of {cache.pos + idx.shape[1]} tokens exceeds the learned "
+                             f"positions (block_size={self.config.block_size})")
+        return self.logits(self.hidden_states(idx, cache))
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  pad: torch.Tensor | None = None) -> KVCache:
+        c = self.config
+        p = self.lm_head.weight
+        return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
+                       dtype or p.dtype, p.device, pad)

@@ -1,0 +1,242 @@
+"""Building blocks shared by every model family: norms, positions, attention, MLPs, blocks.
+
+One `Attention` covers the three kinds the families need: causal self-attention (GPT, the
+Transformer decoder), bidirectional self-attention with a padding mask (BERT, the Transformer
+encoder) and cross-attention (decoder queries over encoder outputs). It runs through
+`F.scaled_dot_product_attention` unless someone asked to see the weights
+(`attn.keep_weights = True`), in which case it does the softmax by hand and keeps them in
+`attn.weights` for the attention-map pictures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_norm(kind: str, dim: int, bias: bool = False) -> nn.Module:
+    if kind == "rms":
+        return nn.RMSNorm(dim, eps=1e-6)
+    if kind == "layer":
+        return nn.LayerNorm(dim, bias=bias)
+    raise ValueError(f"unknown norm {kind!r}; use 'rms' or 'layer'")
+
+
+def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
+    """The fixed sin/cos position table of Vaswani et al. 2017, shape (n, d)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: d // 2])
+    return table
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), in the rotate-half layout Llama uses."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] < n or self._cache[1].device != device:
+            n = max(n, 256)
+            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+            self._cache = (n, emb.cos(), emb.sin())
+        return self._cache[1], self._cache[2]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, T, D); positions: (T,) or (B, T) integer positions."""
+        cos, sin = self.table(int(positions.max()) + 1, x.device)
+        cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)  # (T, D) or (B, T, D)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for prefill-then-decode generation.
+
+    `pos` is how many positions are filled. With left-padded batches, `pad` (B,) holds each
+    row's count of padding tokens: those slots are never attended, and rotary positions start
+    at 0 on each row's first real token.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 pad: torch.Tensor | None = None):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+        self.pad = pad
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(self.pos, self.pos + T, device=device)
+        if self.pad is None:
+            return pos
+        return (pos[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T)
+
+    def mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (B or 1, 1, T, pos+T) mask, True where a query may attend; None if all may."""
+        if T == 1 and self.pad is None:
+            return None
+        q = torch.arange(self.pos, self.pos + T, device=device)[:, None]
+        k = torch.arange(self.pos + T, device=device)[None, :]
+        allowed = (k <= q)[None, None]  # causal, offset by what is already cached
+        if self.pad is not None:
+            allowed = allowed & (k >= self.pad[:, None])[:, None, None, :]
+        return allowed
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only some batch rows (beam search, or finished requests dropped)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.pad is not None:
+            self.pad = self.pad[rows]
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention when `forward(x)`, cross-attention when given `kv`."""
+
+    def __init__(self, d_model: int, n_head: int, *, bias: bool = False, qk_norm: bool = False,
+                 rotary: Rotary | None = None, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.k = nn.Linear(d_model, d_model, bias=bias)
+        self.v = nn.Linear(d_model, d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        # QK-norm: RMSNorm over each head's query and key (as in Qwen3 / modded-nanogpt).
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.rotary = rotary
+        self.dropout = dropout
+        self.causal = causal
+        self.keep_weights = False
+        self.weights: torch.Tensor | None = None
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C). kv: (B, S, C) encoder output for cross-attention. mask: bool,
+        broadcastable to (B, H, T, S), True = may attend. cache: decode-time KV cache."""
+        B, T, C = x.shape
+        src = x if kv is None else kv
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(src)), self._heads(self.v(src))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            if positions is None:
+                positions = torch.arange(T, device=x.device)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        causal = self.causal and kv is None and mask is None and cache is None
+        if self.keep_weights:
+            y = self._attend_by_hand(q, k, v, mask, causal)
+        else:
+            drop = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
+                                               is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _attend_by_hand(self, q, k, v, mask, causal):
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if causal:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        w = scores.float().softmax(-1).to(q.dtype)
+        self.weights = w.detach()
+        return w @ v
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: ReLU² (modded-nanogpt), GELU (GPT-2) or SwiGLU (Llama)."""
+
+    def __init__(self, d_model: int, hidden: int, kind: str = "relu2", bias: bool = False):
+        super().__init__()
+        if kind not in ("relu2", "gelu", "relu", "swiglu"):
+            raise ValueError(f"unknown mlp {kind!r}; use relu2, gelu, relu or swiglu")
+        self.kind = kind
+        self.gate = nn.Linear(d_model, hidden, bias=bias) if kind == "swiglu" else None
+        self.fc = nn.Linear(d_model, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.kind == "relu2":
+            h = F.relu(h).square()
+        elif self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu":
+            h = F.relu(h)
+        else:
+            h = F.silu(self.gate(x)) * h
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """One Transformer layer: self-attention, optional cross-attention, MLP, each residual.
+
+    Pre-norm (x + f(norm(x))) by default; post-norm (norm(x + f(x))) as in the 2017 paper.
+    """
+
+    def __init__(self, d_model: int, n_head: int, hidden: int, *, mlp: str = "relu2",
+                 norm: str = "rms", bias: bool = False, qk_norm: bool = False,
+                 rotary: Rotary | None = None, dropout: float = 0.0, causal: bool = True,
+                 cross: bool = False, post_norm: bool = False):
+        super().__init__()
+        self.post_norm = post_norm
+        self.norm1 = make_norm(norm, d_model, bias)
+        self.attn = Attention(d_model, n_head, bias=bias, qk_norm=qk_norm, rotary=rotary,
+                              dropout=dropout, causal=causal)
+        self.norm_x = make_norm(norm, d_model, bias) if cross else None
+        self.cross = Attention(d_model, n_head, bias=bias, dropout=dropout) if cross else None
+        self.norm2 = make_norm(norm, d_model, bias)
+        self.mlp = MLP(d_model, hidden, mlp, bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        def attn(h):
+            return self.attn(h, mask=mask, cache=cache, layer=layer, positions=positions)
+
+        steps = [(self.norm1, attn)]
+        if self.cross is not None:
+            steps.append((self.norm_x, lambda h: self.cross(h, kv=memory, mask=memory_mask)))
+        steps.append((self.norm2, self.mlp))
+        for norm, f in steps:
+            if self.post_norm:
+                x = norm(x + self.drop(f(x)))
+            else:
+                x = x + self.drop(f(norm(x)))
+        return x

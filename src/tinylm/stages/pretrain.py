@@ -1,0 +1,101 @@
+"""Pre-training: next-token prediction on raw text (GPT)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinylm import config as configlib
+from tinylm import viz
+from tinylm.data.text import load_text
+from tinylm.errors import UserError
+from tinylm.data.tokens import TokenData, encode_cached
+from tinylm.models.gpt import GPT, GPTConfig
+from tinylm.stages.common import batch_generator, prepare_run_dir
+from tinylm.tokenizer import Tokenizer
+from tinylm.tokenizer import train as train_tokenizer
+from tinylm.train import checkpoint
+from tinylm.train.loop import TrainConfig, train
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "tinyshakespeare"  # shipped corpus name, a file, or a folder
+    tokenizer: str = "char"  # char | bpe
+    vocab_size: int = 4096  # bpe only
+    val_fraction: float = 0.1  # the last 10% of tokens
+    eval_batch_size: int = 32
+    eval_tokens: int = 0  # cap on validation tokens per eval; 0 = the whole split
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/gpt"
+    init: str = ""  # start from this run's weights and tokenizer instead of from scratch
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def val_loss(model: GPT, data: TokenData, cfg: DataConfig, T: int) -> float:
+    """Mean next-token loss over the validation split (token-weighted)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for x, y in data.val_batches(cfg.eval_batch_size, T):
+        total += model(x.to(device), y.to(device)).item() * y.numel()
+        count += y.numel()
+        if cfg.eval_tokens and count >= cfg.eval_tokens:
+            break
+    return total / max(count, 1)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
+    run_dir = prepare_run_dir(cfg.out, resume)
+    text = load_text(cfg.data.corpus)
+    if resume:
+        tok = Tokenizer.load(run_dir / "tokenizer.json")
+    elif cfg.init:
+        tok = Tokenizer.load(Path(cfg.init) / "tokenizer.json")
+    else:
+        tok = train_tokenizer(text, cfg.data.tokenizer, cfg.data.vocab_size)
+    data = TokenData(encode_cached(text, tok), cfg.data.val_fraction)
+
+    if cfg.init:
+        model = checkpoint.load_model(Path(cfg.init), family="gpt")
+        if cfg.model.block_size > model.config.block_size and model.config.pos == "learned":
+            raise UserError(
+                f"model.block_size={cfg.model.block_size} is over the {model.config.block_size}"
+                f" learned positions of {cfg.init}; use at most that")
+        cfg.model = dataclasses.replace(model.config, block_size=cfg.model.block_size,
+                                        dropout=cfg.model.dropout)
+        model.config = cfg.model
+    else:
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = tok.vocab_size
+        if cfg.model.vocab_size < tok.vocab_size:
+            raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than "
+                                      f"the tokenizer's {tok.vocab_size}; leave it at 0")
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model)
+    T = cfg.model.block_size
+    data.check_block(T)
+
+    if not resume:
+        configlib.save(cfg, run_dir / "config.toml")
+        tok.save(run_dir / "tokenizer.json")
+
+    def batch_fn(step: int, k: int):
+        return data.batch(cfg.train.batch_size, T, batch_generator(cfg.train.seed, step, k))
+
+    result = train(model, cfg.train, run_dir, batch_fn,
+                   eval_fn=lambda m: {"val_loss": val_loss(m, data, cfg.data, T)},
+                   resume=resume, flops_per_token=model.flops_per_token(T))
+    viz.plot_metrics(run_dir)
+    if "val_loss" in result:
+        result["val_ppl"] = math.exp(result["val_loss"])
+    return result

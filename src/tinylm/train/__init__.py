@@ -1,0 +1,1 @@
+"""Training: one loop for every objective, its optimizers, checkpoints and losses."""
