@@ -82,6 +82,35 @@ def cmd_next_word(args: argparse.Namespace) -> None:
         print(f"wrote {viz.plot_next_tokens(args.text, rows, Path(args.png))}")
 
 
+# --- mlm ------------------------------------------------------------------------------------
+def cmd_mlm(args: argparse.Namespace) -> None:
+    from tinylm.stages.common import load_stage_config
+    from tinylm.stages.mlm import MLMConfig, train_mlm
+
+    cfg = load_stage_config(MLMConfig, args.config, args.overrides, args.out, args.resume)
+    if args.init:
+        cfg.init = args.init
+    print(f"training a masked LM into {cfg.out}")
+    result = train_mlm(cfg, resume=args.resume)
+    print_result(result)
+    if "val_acc" in result:
+        print(f"held-out masked tokens: accuracy {result['val_acc']:.2%}, "
+              f"perplexity {result['val_ppl']:.2f}")
+
+
+# --- fill-mask ------------------------------------------------------------------------------
+def cmd_fill_mask(args: argparse.Namespace) -> None:
+    from tinylm.infer.explain import format_table
+    from tinylm.infer.fill_mask import best_fill, fill_mask, load_masked_lm
+
+    model, tok = load_masked_lm(args.run)
+    blanks = fill_mask(model, tok, args.text, args.k)
+    for n, blank in enumerate(blanks, 1):
+        print(f"[MASK] {n} of {len(blanks)}:")
+        print(format_table(blank.candidates))
+    print(f"best: {best_fill(tok, args.text, blanks)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="how many candidates")
     p.add_argument("--png", help="also draw a bar chart into this PNG file")
     p.set_defaults(func=cmd_next_word)
+
+    p = sub.add_parser("mlm", help="train a masked language model (BERT)")
+    add_config_args(p, "mlm-tinystories")
+    p.set_defaults(func=cmd_mlm)
+
+    p = sub.add_parser("fill-mask", help="top candidates for each [MASK] in a sentence")
+    p.add_argument("--run", required=True, help="run dir of a masked LM (tinylm mlm)")
+    p.add_argument("text", help='a sentence with one or more [MASK], e.g. "The [MASK] is red."')
+    p.add_argument("-k", type=int, default=5, help="candidates per [MASK]")
+    p.set_defaults(func=cmd_fill_mask)
     return parser
 
 

@@ -8,6 +8,7 @@ import importlib
 # family -> (module, model class, config class)
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "gpt": ("tinylm.models.gpt", "GPT", "GPTConfig"),
+    "bert": ("tinylm.models.bert", "BertModel", "BertConfig"),
 }
 
 

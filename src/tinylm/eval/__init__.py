@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, masked-token accuracy, BLEU/chrF, reward accuracy, win-rate."""
