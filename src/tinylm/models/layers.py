@@ -17,9 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose weight follows the input's dtype, so bf16 activations (QK-norm under
+    autocast) take PyTorch's fused kernel instead of a slow mixed-dtype fallback."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(kind: str, dim: int, bias: bool = False) -> nn.Module:
     if kind == "rms":
-        return nn.RMSNorm(dim, eps=1e-6)
+        return RMSNorm(dim, eps=1e-6)
     if kind == "layer":
         return nn.LayerNorm(dim, bias=bias)
     raise ValueError(f"unknown norm {kind!r}; use 'rms' or 'layer'")
@@ -128,8 +136,8 @@ class Attention(nn.Module):
         self.v = nn.Linear(d_model, d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         # QK-norm: RMSNorm over each head's query and key (as in Qwen3 / modded-nanogpt).
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self.rotary = rotary
         self.dropout = dropout
         self.causal = causal

@@ -13,8 +13,8 @@ import torch
 from tinylm import config as configlib
 from tinylm import viz
 from tinylm.data.text import load_text
-from tinylm.errors import UserError
 from tinylm.data.tokens import TokenData, encode_cached
+from tinylm.errors import UserError
 from tinylm.models.gpt import GPT, GPTConfig
 from tinylm.stages.common import batch_generator, prepare_run_dir
 from tinylm.tokenizer import Tokenizer

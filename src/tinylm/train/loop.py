@@ -59,6 +59,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     log_every: int = 10
     time_limit: float = 0.0  # seconds of training after which to stop early; 0 = none
+    stop_after: int = 0  # pause (save and exit) after this step, to --resume later; 0 = none
     seed: int = 1337
     progress: bool = True
 
@@ -231,7 +232,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}")
             window_tokens, window_time = 0, 0.0
         bar.update(1)
-        out_of_time = cfg.time_limit and train_time >= cfg.time_limit
+        out_of_time = (cfg.time_limit and train_time >= cfg.time_limit) or step == cfg.stop_after
         if out_of_time or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
             evaluate_and_save(step)
         elif cfg.save_every and step % cfg.save_every == 0:

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny corpora, tiny configs, an isolated token cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = (
+    "The sun is shining and the birds are singing. The cat sat on the mat. "
+    "A dog is chasing the ball in the park. The birds are flying over the trees.\n\n"
+) * 40
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches go to a temp dir, so tests never touch ~/.cache and never share state."""
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """--set overrides that make any GPT preset train in a second."""
+    return list(TINY_OVERRIDES)
+
+
+TINY_OVERRIDES = [
+    "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=32",
+    "train.steps=6", "train.batch_size=4", "train.warmup_steps=2", "train.progress=false",
+    "train.log_every=1", "train.dtype='float32'",
+]

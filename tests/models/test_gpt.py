@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
+
+VARIANTS = {
+    "modern": GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32),
+    "swiglu+softcap": GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32,
+                                mlp="swiglu", logit_softcap=15.0, zero_init=False),
+    "gpt2": gpt2_style(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_changing_a_future_token_never_changes_earlier_logits(name):
+    torch.manual_seed(0)
+    model = GPT(VARIANTS[name]).eval()
+    for block in model.blocks:  # make the residual branches non-zero
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.1)
+    x = torch.randint(0, 50, (2, 16))
+    y = x.clone()
+    y[:, 10] = (y[:, 10] + 1) % 50
+    a, b = model(x), model(y)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_tiny_model_overfits_a_tiny_batch(name):
+    torch.manual_seed(0)
+    model = GPT(VARIANTS[name])
+    x = torch.randint(0, 50, (2, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_depth_dial_derives_width_and_heads():
+    c = GPTConfig(depth=4)
+    assert (c.n_layer, c.d_model, c.n_head) == (4, 256, 4)
+
+
+def test_flops_estimate_counts_weights_and_attention():
+    model = GPT(GPTConfig(vocab_size=65, block_size=256))
+    n = model.num_params(embeddings=False)
+    assert model.flops_per_token() == 6 * n + 12 * 6 * 384 * 256
+
+
+def test_tied_head_shares_the_embedding():
+    model = GPT(VARIANTS["gpt2"])
+    assert model.lm_head.weight is model.tok_emb.weight
+
+
+def test_too_long_input_is_refused():
+    model = GPT(VARIANTS["modern"])
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_ignored_targets_do_not_count():
+    model = GPT(VARIANTS["modern"])
+    x = torch.randint(0, 50, (1, 8))
+    y = torch.full((1, 8), -100)
+    y[0, 3] = 7
+    full = model(x)
+    expected = torch.nn.functional.cross_entropy(full[0, 3:4], torch.tensor([7]))
+    assert torch.allclose(model(x, y), expected, atol=1e-6)
