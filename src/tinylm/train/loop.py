@@ -58,6 +58,8 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     log_every: int = 10
+    time_budget: float = 0.0  # > 0: train for about this many seconds; `steps` is then set
+    # from the speed measured during warm-up (so the LR schedule still ends on time)
     time_limit: float = 0.0  # seconds of training after which to stop early; 0 = none
     stop_after: int = 0  # pause (save and exit) after this step, to --resume later; 0 = none
     seed: int = 1337
@@ -66,6 +68,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be at least 1")
+        if self.time_budget and self.warmup_steps < 3:
+            raise ValueError("time_budget needs warmup_steps >= 3 (speed is measured then)")
 
 
 @dataclass
@@ -136,7 +140,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
     raw_model = model
     optimizers = build_optimizers(raw_model, cfg)
 
-    start_step, train_time, tokens_seen = 0, 0.0, 0
+    start_step, train_time, tokens_seen, total = 0, 0.0, 0, cfg.steps
     if resume:
         state = checkpoint.latest_state(run_dir)
         if state is None:
@@ -144,6 +148,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
         loop = checkpoint.load_state(state, raw_model, optimizers)
         start_step, train_time = loop["step"], loop.get("train_time", 0.0)
         tokens_seen = loop.get("tokens", 0)
+        total = loop.get("total_steps", total) if cfg.time_budget else total
 
     if dinfo.world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -156,7 +161,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and dinfo.main),
+    bar = tqdm(total=total, initial=start_step, disable=not (cfg.progress and dinfo.main),
                dynamic_ncols=True, leave=False)
     last: dict[str, Any] = {}
 
@@ -172,7 +177,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if dinfo.main:
             checkpoint.save_model(run_dir, raw_model)
-            loop = {"train_time": train_time, "tokens": tokens_seen}
+            loop = {"train_time": train_time, "tokens": tokens_seen, "total_steps": total}
             checkpoint.save_state(run_dir, step, raw_model, optimizers, loop)
         if dinfo.world > 1:
             dist.barrier()
@@ -180,9 +185,14 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
     model.train()
     step = start_step
     window_tokens, window_time = 0, 0.0
-    while step < cfg.steps:
+    calibrate_at = min(10, cfg.warmup_steps - 1) if cfg.time_budget and not resume else -1
+    step_times: list[float] = []
+    while step < total:
         t0 = time.perf_counter()
-        factor = lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.cooldown,
+        if step == calibrate_at:
+            total = _steps_for_budget(cfg.time_budget, train_time, step, step_times, dinfo)
+            bar.total = total
+        factor = lr_factor(step, total, cfg.warmup_steps, cfg.schedule, cfg.cooldown,
                            cfg.min_lr_factor)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -218,11 +228,12 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
                             "train.muon_lr, or raise train.warmup_steps")
         dt = time.perf_counter() - t0
         train_time += dt
+        step_times.append(dt)
         step_tokens *= dinfo.world
         tokens_seen += step_tokens
         window_tokens += step_tokens
         window_time += dt
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == total:
             tps = window_tokens / window_time
             mfu = tps * flops_per_token / peak if peak else 0.0
             row = dict(step=step, loss=step_loss, lr=factor, tokens_per_s=tps, mfu=mfu,
@@ -233,14 +244,25 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
             window_tokens, window_time = 0, 0.0
         bar.update(1)
         out_of_time = (cfg.time_limit and train_time >= cfg.time_limit) or step == cfg.stop_after
-        if out_of_time or step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+        if out_of_time or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
             evaluate_and_save(step)
         elif cfg.save_every and step % cfg.save_every == 0:
             evaluate_and_save(step, with_eval=False)
         if out_of_time:
             break
     bar.close()
-    if step == start_step and start_step >= cfg.steps:
+    if step == start_step and start_step >= total:
         bar.write(f"already trained for {start_step} steps; raise train.steps to go on")
     last |= {"step": step, "train_time": train_time, "tokens": tokens_seen}
     return last
+
+
+def _steps_for_budget(budget: float, spent: float, step: int, times: list[float],
+                      dinfo: DistInfo) -> int:
+    """Total steps that fit `budget` seconds, from the step times so far (the first, slow
+    step left out). Rank 0 decides and tells the others, so every rank stops together."""
+    typical = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+    total = torch.tensor(step + max(1, int((budget - spent) / typical)))
+    if dinfo.world > 1:
+        dist.broadcast(total, src=0)
+    return int(total)
