@@ -24,11 +24,30 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 200, or what is left of the context window")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off, e.g. 1.2")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable)")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut a prompt that is too long to its end instead of failing")
     p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace, prompt_len: int, block_size: int, **extra):
+    """SamplingParams from add_sampling_args' flags; --max-new-tokens defaults to 200, or to
+    what the context window leaves after the prompt."""
+    from tinylm.infer.engine import SamplingParams
+
+    n = args.max_new_tokens
+    if n is None:
+        n = max(1, min(200, block_size - prompt_len))
+    return SamplingParams(max_new_tokens=n, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          stop=args.stop, truncate=args.truncate, seed=args.seed, **extra)
 
 
 def print_result(result: dict) -> None:
@@ -52,20 +71,30 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 # --- sample ---------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
+    import dataclasses
 
     import tinylm
-    from tinylm.infer.engine import SamplingParams, naive_generate
+    from tinylm.infer.engine import Engine
+    from tinylm.infer.explain import explain_sample
 
     model, tok = tinylm.load(args.run)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                            args.seed)
-    ids = tok.encode(args.prompt) or [tok.bos_id]
-    out = naive_generate(model, torch.tensor([ids] * args.num_samples), params)
-    for i, row in enumerate(out.tolist()):
-        if args.num_samples > 1:
+    engine = Engine(model, tok)
+    params = sampling_params(args, len(tok.encode(args.prompt)), model.config.block_size)
+    if args.explain:
+        completion, table = explain_sample(engine, args.prompt, params, args.explain)
+        print(args.prompt + completion.text)
+        print(table)
+    elif args.num_samples == 1:  # stream: text appears as it is generated
+        print(args.prompt, end="", flush=True)
+        for delta in engine.stream(args.prompt, params):
+            print(delta, end="", flush=True)
+        print()
+    else:
+        seeds = [None if args.seed is None else args.seed + i for i in range(args.num_samples)]
+        batch = [dataclasses.replace(params, seed=s) for s in seeds]
+        for i, c in enumerate(engine.generate([args.prompt] * args.num_samples, batch)):
             print(f"--- sample {i + 1} ---")
-        print(tok.decode(row, skip_special=True))
+            print(args.prompt + c.text)
 
 
 # --- next-word ------------------------------------------------------------------------------
@@ -111,6 +140,24 @@ def cmd_fill_mask(args: argparse.Namespace) -> None:
     print(f"best: {best_fill(tok, args.text, blanks)}")
 
 
+# --- export-hf ------------------------------------------------------------------------------
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from tinylm.hf import export_hf
+
+    out = export_hf(args.run, args.out_dir)
+    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained"
+          f"({str(out)!r}) and AutoTokenizer")
+
+
+# --- import-hf ------------------------------------------------------------------------------
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from tinylm.hf import import_hf
+
+    for note in import_hf(args.hf_dir, args.run):
+        print(f"note: {note}")
+    print(f"wrote run dir {args.run}: try `tinylm sample --run {args.run} --prompt ...`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -124,7 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--num-samples", type=int, default=1)
     add_sampling_args(p)
+    p.add_argument("--explain", type=int, nargs="?", const=5, default=0, metavar="K",
+                   help="show each token's probability and its K runners-up (default 5)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export-hf", help="write a run as a Hugging Face transformers folder")
+    p.add_argument("run", help="run dir of a GPT")
+    p.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer)")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import-hf", help="turn a local transformers GPT-2/Llama/Qwen3 folder "
+                                         "into a run dir")
+    p.add_argument("hf_dir", help="folder with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("run", help="run dir to write")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("next-word", help="table of the most likely next tokens")
     p.add_argument("--run", required=True, help="run dir")

@@ -1,12 +1,29 @@
-"""Text generation. (The fast KV-cache engine builds on these pieces.)
+"""Text generation: the one engine behind sampling, chat, the server, PPO rollouts and labeling.
+
+`Engine.generate` takes a batch of prompts (text or token ids), each with its own
+`SamplingParams`, and runs them together: one *prefill* pass writes every prompt's keys and
+values into a preallocated `KVCache`, then each *decode* step feeds only the newest token of
+every row. Prompts of different lengths are left-padded; the cache's `pad` counts keep the
+padding out of attention and start each row's positions at 0, so a row's tokens do not depend
+on its batch mates. Rows that finish keep riding along (their outputs are ignored) until at
+least half the batch is done; then the cache is compacted, so finished requests stop costing
+compute without a costly copy at every step.
 
 `naive_generate` runs the whole model over the whole sequence at every step: slow, obviously
-correct, and kept as the reference the engine is tested against.
+correct, and kept as the reference the engine is tested against token for token. Both share the
+numerics of sampling (`apply_penalties`, `filter_logits`), so they can only differ in how the
+logits were computed.
+
+Logprobs are those of the model's own distribution (softmax of the raw logits, before
+penalties, temperature and top-k/top-p), as PPO needs and as vLLM reports by default.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,52 +32,454 @@ from tinylm.errors import UserError
 
 @dataclass
 class SamplingParams:
+    """How to continue one prompt. Defaults give plain sampling at temperature 1."""
+
     max_new_tokens: int = 100
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    seed: int | None = None
+    seed: int | None = None  # per request: the same seed gives the same text in any batch
+    repetition_penalty: float = 1.0  # > 1 discourages tokens seen in prompt or output (CTRL)
+    frequency_penalty: float = 0.0  # minus this x (times the token was generated) (OpenAI)
+    presence_penalty: float = 0.0  # minus this once a token was generated at all (OpenAI)
+    stop: list[str] = field(default_factory=list)  # stop strings; not part of the output text
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS
+    ignore_eos: bool = False  # keep going past the tokenizer's <|eos|>
+    logprobs: bool = False  # return the logprob of every generated token
+    top_logprobs: int = 0  # ... and this many most likely alternatives at each step
+    truncate: bool = False  # prompt too long for the window: keep its end instead of failing
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if self.max_new_tokens < 0:
-            raise UserError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)"),
+            (self.max_new_tokens >= 0, f"max_new_tokens={self.max_new_tokens} must be >= 0"),
+            (self.repetition_penalty > 0,
+             f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)"),
+            (math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty),
+             "frequency_penalty and presence_penalty must be finite numbers"),
+            (0 <= self.top_logprobs <= 20, f"top_logprobs={self.top_logprobs} must be in 0..20"),
+            (all(self.stop), "stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SamplingParams:
+        """From JSON-like input (server requests, config files); unknown fields are errors."""
+        from tinylm.config import build
+
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise UserError(f"unknown sampling field {unknown[0]!r}; valid: {', '.join(names)}")
+        data = dict(data)
+        if isinstance(data.get("stop"), str):
+            data["stop"] = [data["stop"]]
+        return build(cls, data, prefix="sampling.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0
+                or self.presence_penalty != 0)
 
 
-def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p (nucleus) applied to (B, V) logits."""
-    logits = logits / max(p.temperature, 1e-8)
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.size(-1))).values[..., -1:]
+@dataclass
+class Completion:
+    """One finished request. `token_ids` holds every sampled token, including a stop token or
+    the tokens that spelled a stop string; `text` ends before either."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (stop token or string) | "length" (max_new_tokens)
+    prompt_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per step: (token id, logprob)
+
+
+# --- sampling numerics, shared by the engine and the naive reference ---------------------------
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor,
+                    repetition: torch.Tensor | float, frequency: torch.Tensor | float,
+                    presence: torch.Tensor | float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool: token in prompt or output; counts (B, V): times each
+    token was generated. Penalties are floats or (B, 1) tensors.
+
+    Repetition (Keskar et al. 2019, as HF applies it): divide a seen token's positive logit by the
+    penalty, multiply a negative one. Frequency/presence (OpenAI): subtract freq x count and
+    presence x [count > 0] from the output tokens' logits."""
+    scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, scaled, logits)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor | float,
+                  top_k: torch.Tensor | int, top_p: torch.Tensor | float) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) applied to (B, V) logits. Each setting is a
+    number or a per-row tensor ((B, 1) for temperature/top_p, (B,) for top_k)."""
+    V = logits.size(-1)
+    if torch.is_tensor(temperature):
+        logits = logits / temperature.clamp(min=1e-8)
+    else:
+        logits = logits / max(temperature, 1e-8)
+    top_k = torch.as_tensor(top_k, device=logits.device).expand(logits.size(0))
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k, V).clamp(max=V)  # (B,) 0 = keep all V
+        kth = torch.topk(logits, int(k.max())).values.gather(-1, (k - 1)[:, None])  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
+    top_p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device)
+    if bool((top_p < 1).any()):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the token that crosses top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p.reshape(-1, 1)  # keep the token crossing top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
 
 def pick(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V)."""
-    if p.temperature == 0:
+    """Next token ids (B,) from last-position logits (B, V), all rows with the same settings."""
+    if p.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float(), p).softmax(-1)
+    probs = filter_logits(logits.float(), p.temperature, p.top_k, p.top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 @torch.no_grad()
 def naive_generate(model, idx: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """(B, T) prompt ids -> (B, T + max_new_tokens); the full forward pass at every step."""
+    """(B, T) prompt ids -> (B, T + max_new_tokens); the full forward pass at every step.
+
+    No stopping, no padding: the reference for the engine's token choices."""
     gen = torch.Generator(idx.device).manual_seed(p.seed) if p.seed is not None else None
-    block = model.config.block_size
+    block, T = model.config.block_size, idx.shape[1]
     for _ in range(p.max_new_tokens):
         logits = model(idx[:, -block:])[:, -1]
+        if p.penalized:
+            V = logits.size(-1)
+            seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+            counts = torch.stack([torch.bincount(row[T:], minlength=V) for row in idx]).float()
+            logits = apply_penalties(logits, seen, counts, p.repetition_penalty,
+                                     p.frequency_penalty, p.presence_penalty)
         idx = torch.cat([idx, pick(logits, p, gen)[:, None]], dim=1)
     return idx
+
+
+# --- the engine ---------------------------------------------------------------------------------
+class _Row:
+    """The bookkeeping of one request while it runs: tokens, text, stop-string matching."""
+
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 tok):
+        self.index, self.prompt, self.params = index, prompt, params
+        self.stop_ids, self.tok = stop_ids, tok
+        self.gen = None
+        if params.seed is not None:
+            self.gen = torch.Generator().manual_seed(params.seed)
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]]] = []
+        self.finish: str | None = None
+        # Text is always built from the same increments a stream yields, so a streamed and a
+        # plain completion agree even where the model emits broken UTF-8 byte tokens.
+        self.incremental = tok is not None
+        self.text = ""  # emitted so far
+        self.pending = ""  # held back: might be the start of a stop string
+        self.prefix_off = self.read_off = 0
+        self.n_text_tokens = 0  # tokens that count for the text (a stop token does not)
+
+    def add(self, token: int) -> str:
+        """Take one sampled token; returns the newly valid text (maybe empty)."""
+        self.tokens.append(token)
+        if token in self.stop_ids:
+            self.finish = "stop"
+            return self._flush()
+        self.n_text_tokens += 1
+        delta = self._stop_check(self._detok()) if self.incremental else ""
+        if self.finish is None and len(self.tokens) >= self.params.max_new_tokens:
+            self.finish = "length"
+            delta += self._flush()
+        return delta
+
+    def _detok(self) -> str:
+        """New text since the last call, once it is whole UTF-8. Decoding a short window that
+        starts a few tokens back (as TGI does) keeps this cheap and handles decoders that strip
+        a leading space from the first token."""
+        ids = self.tokens[: self.n_text_tokens]
+        before = self.tok.decode(ids[self.prefix_off : self.read_off], skip_special=True)
+        now = self.tok.decode(ids[self.prefix_off :], skip_special=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix_off, self.read_off = self.read_off, len(ids)
+            return now[len(before) :]
+        return ""
+
+    def _stop_check(self, delta: str) -> str:
+        """Emit what can no longer become part of a stop string; cut at the first stop string.
+        A stop string may span several tokens, so the tail that could still grow into one is
+        held back in `pending` (it is always entirely inside pending + delta)."""
+        buf = self.pending + delta
+        stops = self.params.stop
+        if not stops:
+            self.text += buf
+            self.pending = ""
+            return buf
+        hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
+        if hits:
+            self.finish = "stop"
+            out, self.pending = buf[: min(hits)], ""
+            self.text += out
+            return out
+        hold = 0
+        for k in range(min(len(buf), max(map(len, stops)) - 1), 0, -1):
+            if any(s.startswith(buf[-k:]) for s in stops):
+                hold = k
+                break
+        out, self.pending = buf[: len(buf) - hold], buf[len(buf) - hold :]
+        self.text += out
+        return out
+
+    def _flush(self) -> str:
+        """At the end: whatever text is still held back (incomplete UTF-8, a partial stop)."""
+        if not self.incremental:
+            return ""
+        ids = self.tokens[: self.n_text_tokens]
+        before = self.tok.decode(ids[self.prefix_off : self.read_off], skip_special=True)
+        now = self.tok.decode(ids[self.prefix_off :], skip_special=True)
+        self.prefix_off = self.read_off = len(ids)
+        out = self._stop_check(now[len(before) :])
+        rest, self.pending = self.pending, ""
+        self.text += rest
+        return out + rest
+
+    def completion(self) -> Completion:
+        return Completion(self.text, self.tokens, self.finish or "length", self.prompt,
+                          self.logprobs if self.params.logprobs else None,
+                          self.top if self.params.top_logprobs else None)
+
+
+class _Settings:
+    """Per-row sampling settings as tensors, so one step samples the whole batch at once."""
+
+    def __init__(self, rows: list[_Row], V: int, device: torch.device):
+        ps = [r.params for r in rows]
+        self.any_sampled = any(not p.greedy for p in ps)
+        self.all_greedy = not self.any_sampled
+        self.penalized = any(p.penalized for p in ps)
+        self.want_logprobs = any(p.logprobs or p.top_logprobs for p in ps)
+        self.top_n = max(p.top_logprobs for p in ps)
+        self.seeded = [i for i, r in enumerate(rows) if r.gen is not None]
+
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        self.greedy = col([p.greedy for p in ps], torch.bool)
+        self.temperature = col([p.temperature for p in ps])[:, None]
+        self.top_k = col([p.top_k for p in ps], torch.long)
+        self.top_p = col([p.top_p for p in ps])[:, None]
+        if self.penalized:
+            self.repetition = col([p.repetition_penalty for p in ps])[:, None]
+            self.frequency = col([p.frequency_penalty for p in ps])[:, None]
+            self.presence = col([p.presence_penalty for p in ps])[:, None]
+            self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
+            for i, r in enumerate(rows):
+                self.seen[i, r.prompt] = True
+            self.counts = torch.zeros(len(rows), V, device=device)
+
+    def select(self, keep: torch.Tensor) -> None:
+        for name in ("greedy", "temperature", "top_k", "top_p", "repetition", "frequency",
+                     "presence", "seen", "counts"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name)[keep])
+
+    def choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Next token ids (B,) from logits (B, V) under each row's settings."""
+        if self.penalized:
+            logits = apply_penalties(logits, self.seen, self.counts, self.repetition,
+                                     self.frequency, self.presence)
+        nxt = logits.argmax(-1)
+        if self.any_sampled:
+            probs = filter_logits(logits, self.temperature, self.top_k, self.top_p).softmax(-1)
+            sampled = torch.empty_like(nxt)
+            free = [i for i in range(len(rows)) if rows[i].gen is None]
+            if free:  # rows without a seed share the global RNG
+                sampled[free] = torch.multinomial(probs[free], 1).squeeze(-1)
+            for i in (i for i in range(len(rows)) if rows[i].gen is not None):
+                sampled[i] = torch.multinomial(probs[i : i + 1], 1, generator=rows[i].gen)[0, 0]
+            nxt = torch.where(self.greedy, nxt, sampled)
+        if self.penalized:
+            self.seen.scatter_(1, nxt[:, None], True)
+            self.counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None],
+                                                                       dtype=self.counts.dtype))
+        return nxt
+
+
+class Engine:
+    """Batched generation with a KV cache. `model` is a GPT (anything with `decode`,
+    `new_cache`, `config.block_size`); `tokenizer` is needed for text prompts and output."""
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 64):
+        self.model, self.tok, self.max_batch = model, tokenizer, max_batch
+        self.block_size = model.config.block_size
+
+    # -- public API --
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Continue every prompt; results come back in the order of `prompts`."""
+        rows = self._rows(prompts, params)
+        for _ in self._run(rows):
+            pass
+        return [r.completion() for r in rows]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
+               ) -> Iterator[str]:
+        """Text increments of one completion as soon as they are valid UTF-8 (and cannot be
+        the start of a stop string); joined they equal `generate(...)[0].text`."""
+        for _, delta in self.stream_batch([prompt], params):
+            yield delta
+
+    def stream_batch(self, prompts, params=None) -> Iterator[tuple[int, str]]:
+        """(prompt index, text increment) pairs for a batch of prompts run together."""
+        self._need_tokenizer("streaming text")
+        rows = self._rows(prompts, params)
+        for row, delta in self._run(rows):
+            if delta:
+                yield row.index, delta
+
+    # -- requests --
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tok is None:
+            raise UserError(f"{what} needs a tokenizer; make the Engine with one")
+
+    def _rows(self, prompts, params) -> list[_Row]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise UserError("prompts must be a list of prompts, e.g. ['Once upon a time']")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts; "
+                            "give one, or one per prompt")
+        rows = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            ids = self._prompt_ids(prompt, p)
+            stop_ids = set(p.stop_token_ids)
+            if self.tok is not None and not p.ignore_eos:
+                stop_ids.add(self.tok.eos_id)
+            if p.stop:
+                self._need_tokenizer("stop strings")
+            rows.append(_Row(i, ids, p, stop_ids, self.tok))
+        return rows
+
+    def _prompt_ids(self, prompt, p: SamplingParams) -> list[int]:
+        if isinstance(prompt, str):
+            self._need_tokenizer("a text prompt")
+            ids = self.tok.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            self._need_tokenizer("an empty prompt")
+            ids = [self.tok.bos_id]  # nothing to condition on: start as a document would
+        block, n = self.block_size, p.max_new_tokens
+        if n >= block:
+            raise UserError(f"max_new_tokens={n} is beyond the context window "
+                            f"(block_size={block}); use at most {block - 1}")
+        if len(ids) + n > block:
+            if p.truncate:
+                return ids[len(ids) + n - block :]
+            if len(ids) > block:
+                raise UserError(f"the prompt is {len(ids)} tokens, longer than the context "
+                                f"window (block_size={block}); shorten it or ask for truncation")
+            raise UserError(f"prompt ({len(ids)} tokens) + max_new_tokens={n} exceeds the "
+                            f"context window (block_size={block}); lower max_new_tokens to "
+                            f"{block - len(ids)} or shorten the prompt")
+        return ids
+
+    def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Batches that fit: the longest prompt plus the most new tokens of a batch must fit
+        the window (rows are left-padded to the longest prompt)."""
+        groups: list[list[_Row]] = []
+        cur: list[_Row] = []
+        for r in sorted(rows, key=lambda r: len(r.prompt)):
+            cand = cur + [r]
+            need = max(len(x.prompt) for x in cand) + max(x.params.max_new_tokens for x in cand)
+            if cur and (len(cand) > self.max_batch or need > self.block_size):
+                groups.append(cur)
+                cand = [r]
+            cur = cand
+        return groups + ([cur] if cur else [])
+
+    # -- the loop --
+    def _run(self, rows: list[_Row]) -> Iterator[tuple[_Row, str]]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            for group in self._groups(rows):
+                yield from self._run_group(group)
+        finally:
+            model.train(was_training)
+
+    def _run_group(self, rows: list[_Row]) -> Iterator[tuple[_Row, str]]:
+        model = self.model
+        device = model.lm_head.weight.device
+        for r in rows:
+            if r.params.max_new_tokens == 0:
+                r.finish = "length"
+        live = [r for r in rows if r.finish is None]
+        if not live:
+            return
+        with torch.inference_mode():
+            P = max(len(r.prompt) for r in live)
+            pad = [P - len(r.prompt) for r in live]
+            ids = torch.tensor([[0] * n + r.prompt for n, r in zip(pad, live)], device=device)
+            steps = max(r.params.max_new_tokens for r in live)
+            cache = model.new_cache(len(live), P + steps,
+                                    pad=torch.tensor(pad, device=device) if any(pad) else None)
+            settings = _Settings(live, model.config.vocab_size, device)
+            logits = self._prefill(ids, cache)  # (B, V)
+        while True:
+            with torch.inference_mode():
+                nxt = settings.choose(logits, live)  # (B,)
+                if settings.want_logprobs:
+                    self._record_logprobs(logits, nxt, live, settings.top_n)
+            events = [(r, r.add(t)) for r, t in zip(live, nxt.tolist()) if r.finish is None]
+            yield from events
+            done = [r.finish is not None for r in live]
+            if all(done):
+                return
+            with torch.inference_mode():
+                if 2 * sum(done) >= len(live):  # compact: drop the finished rows
+                    keep = [i for i, d in enumerate(done) if not d]
+                    keep_t = torch.tensor(keep, device=device)
+                    cache.select(keep_t)
+                    settings.select(keep_t)
+                    nxt, live = nxt[keep_t], [live[i] for i in keep]
+                logits = model.decode(nxt[:, None], cache)[:, -1]  # (B, V)
+
+    def _prefill(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Run the prompts through the model, filling the cache; logits (B, V) of the last
+        position only (the full (B, T, V) would be wasted work for long prompts)."""
+        model = self.model
+        if hasattr(model, "hidden_states"):
+            h = model.hidden_states(ids, cache)  # (B, T, C)
+            return model.logits(h[:, -1:])[:, -1]
+        return model.decode(ids, cache)[:, -1]
+
+    @staticmethod
+    def _record_logprobs(logits, nxt, rows: list[_Row], top_n: int) -> None:
+        logp = logits.float().log_softmax(-1)  # (B, V): the model's own distribution
+        chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
+        top = torch.topk(logp, top_n) if top_n else None
+        for i, r in enumerate(rows):
+            if r.finish is not None:
+                continue
+            r.logprobs.append(chosen[i])
+            if r.params.top_logprobs:
+                n = r.params.top_logprobs
+                r.top.append(list(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist())))
