@@ -43,9 +43,10 @@ def test_save_then_load_gives_identical_logits(tiny_corpus, tmp_path):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+@pytest.mark.parametrize("optimizer", ["muon", "adamw", "adamw-bf16-weights"])
 def test_resume_is_bit_exact(tiny_corpus, tmp_path, optimizer):
-    common = [f"train.optimizer='{optimizer}'", "model.dropout=0.1", "train.grad_accum=2"]
+    common = [f"train.optimizer='{optimizer.split('-')[0]}'", "model.dropout=0.1",
+              "train.grad_accum=2", f"train.bf16_weights={str('bf16' in optimizer).lower()}"]
     pretrain(tiny_cfg(tiny_corpus, tmp_path / "full", "train.steps=8", *common))
     pretrain(tiny_cfg(tiny_corpus, tmp_path / "half", "train.steps=8", "train.stop_after=4",
                       *common))
@@ -86,3 +87,13 @@ def test_torchrun_two_processes_match_one(tiny_corpus, tmp_path):
     done = subprocess.run(torchrun, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+
+
+def test_bf16_weights_train_like_fp32(tiny_corpus, tmp_path):
+    pretrain(tiny_cfg(tiny_corpus, tmp_path / "a", "train.steps=30"))
+    pretrain(tiny_cfg(tiny_corpus, tmp_path / "b", "train.steps=30", "train.bf16_weights=true"))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert b[-1] < b[0] - 1.0  # it learns
+    assert b[-1] == pytest.approx(a[-1], abs=0.1)  # about as well as fp32
+    model, _ = tinylm.load(tmp_path / "b")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # saved as fp32

@@ -15,6 +15,7 @@ logs and saves. One process with the same `grad_accum` sees the same global batc
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -52,6 +53,8 @@ class TrainConfig:
     min_lr_factor: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast)
+    bf16_weights: bool = False  # run forward/backward on a bf16 copy of the weights; the
+    # optimizer keeps updating the fp32 weights (no per-layer casts: faster on CPU)
     compile: bool = False
     device: str = "auto"
     threads: int = 0  # torch intra-op threads on CPU; 0 = PyTorch's default
@@ -125,7 +128,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
     """
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = torch.bfloat16 if cfg.bf16_weights else pick_dtype(cfg.dtype, device)
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     dinfo = init_distributed(device)
@@ -150,6 +153,8 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
         tokens_seen = loop.get("tokens", 0)
         total = loop.get("total_steps", total) if cfg.time_budget else total
 
+    if cfg.bf16_weights:
+        model = copy.deepcopy(raw_model).to(torch.bfloat16)  # the compute copy
     if dinfo.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -158,8 +163,8 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
 
     log = MetricsLog(run_dir / "metrics.jsonl" if dinfo.main else None, start_step)
     peak = matmul_peak_flops(dtype, device.type) if flops_per_token and dinfo.main else 0.0
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+    autocast = (torch.autocast(device.type, dtype=dtype)
+                if dtype != torch.float32 and not cfg.bf16_weights else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     bar = tqdm(total=total, initial=start_step, disable=not (cfg.progress and dinfo.main),
                dynamic_ncols=True, leave=False)
@@ -210,6 +215,8 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
                 loss = model(*batch) / local_accum
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        if cfg.bf16_weights:
+            _grads_to_master(checkpoint.unwrap(model), raw_model)
         if cfg.grad_clip > 0:
             for opt in optimizers:
                 scaler.unscale_(opt)
@@ -219,6 +226,8 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir: Path,
         scaler.update()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        if cfg.bf16_weights:
+            _master_to_compute(raw_model, checkpoint.unwrap(model))
         if dinfo.world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         step += 1
@@ -266,3 +275,16 @@ def _steps_for_budget(budget: float, spent: float, step: int, times: list[float]
     if dinfo.world > 1:
         dist.broadcast(total, src=0)
     return int(total)
+
+
+@torch.no_grad()
+def _grads_to_master(compute: nn.Module, master: nn.Module) -> None:
+    for c, m in zip(compute.parameters(), master.parameters(), strict=True):
+        m.grad = None if c.grad is None else c.grad.float()
+        c.grad = None
+
+
+@torch.no_grad()
+def _master_to_compute(master: nn.Module, compute: nn.Module) -> None:
+    for m, c in zip(master.parameters(), compute.parameters(), strict=True):
+        c.copy_(m)
