@@ -140,6 +140,65 @@ def cmd_fill_mask(args: argparse.Namespace) -> None:
     print(f"best: {best_fill(tok, args.text, blanks)}")
 
 
+# --- seq2seq --------------------------------------------------------------------------------
+def cmd_seq2seq(args: argparse.Namespace) -> None:
+    from tinylm.stages.common import load_stage_config
+    from tinylm.stages.seq2seq import Seq2SeqConfig, seq2seq
+
+    cfg = load_stage_config(Seq2SeqConfig, args.config, args.overrides, args.out, args.resume)
+    if args.init:
+        cfg.init = args.init
+    print(f"training a {cfg.family} encoder-decoder into {cfg.out}")
+    print_result(seq2seq(cfg, resume=args.resume))
+
+
+# --- translate ------------------------------------------------------------------------------
+def cmd_translate(args: argparse.Namespace) -> None:
+    from tinylm.infer.beam import translate
+    from tinylm.stages.seq2seq import FAMILIES, load_seq2seq
+    from tinylm.train.checkpoint import read_model_meta
+
+    family = read_model_meta(Path(args.run))["family"]
+    if family not in FAMILIES:
+        raise UserError(f"{args.run} holds a {family} model; translate needs an encoder-decoder"
+                        " run, trained with `tinylm seq2seq`")
+    model, src_tok, tgt_tok = load_seq2seq(args.run)
+    for text in args.text:
+        print(translate(model, src_tok, tgt_tok, [text], args.beam, args.length_penalty,
+                        args.max_len)[0])
+
+
+# --- experiment -----------------------------------------------------------------------------
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from tinylm.stages.common import load_stage_config
+
+    if args.name == "bottleneck":
+        from tinylm.experiments.bottleneck import BottleneckConfig, run_bottleneck
+
+        cfg = load_stage_config(BottleneckConfig, args.config or "seq2seq-bottleneck",
+                                args.overrides, args.out, False)
+        run_bottleneck(cfg)
+    else:
+        from tinylm.experiments.translation import TranslationTableConfig, run_translation_table
+
+        cfg = load_stage_config(TranslationTableConfig, args.config, args.overrides, args.out,
+                                False)
+        run_translation_table(cfg)
+
+
+# --- attention ------------------------------------------------------------------------------
+def cmd_attention(args: argparse.Namespace) -> None:
+    from tinylm.infer.attention import attention_maps, plot_attention
+
+    maps = attention_maps(args.run, args.text, args.beam)
+    L, H, T, S = maps.weights.shape
+    if maps.kind == "cross":
+        print(f"translation: {maps.translation}")
+    print(f"{maps.family} {maps.kind}-attention: {L} layer(s) x {H} head(s), "
+          f"{T} x {S} tokens")
+    print(f"wrote {plot_attention(maps, Path(args.png))}")
+
+
 # --- export-hf ------------------------------------------------------------------------------
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from tinylm.hf import export_hf
@@ -202,6 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help='a sentence with one or more [MASK], e.g. "The [MASK] is red."')
     p.add_argument("-k", type=int, default=5, help="candidates per [MASK]")
     p.set_defaults(func=cmd_fill_mask)
+
+    p = sub.add_parser("seq2seq", help="train an encoder-decoder (Transformer or RNN) on pairs")
+    add_config_args(p, "seq2seq-transformer")
+    p.set_defaults(func=cmd_seq2seq)
+
+    p = sub.add_parser("translate", help="translate sentences with a seq2seq run")
+    p.add_argument("--run", required=True, help="run dir of `tinylm seq2seq`")
+    p.add_argument("text", nargs="+", help='sentence(s) to translate, e.g. "I am cold."')
+    p.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=0.6,
+                   help="GNMT alpha; 0 = raw log-probability")
+    p.add_argument("--max-len", type=int, default=0, help="longest output; 0 = block_size")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("experiment", help="side-by-side experiments (bottleneck, translation)")
+    p.add_argument("name", choices=["bottleneck", "translation"],
+                   help="bottleneck: accuracy vs input length of three encoder-decoders; "
+                        "translation: BLEU/chrF table of the three seq2seq presets")
+    p.add_argument("--config", default=None, help="TOML file or preset name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--out", help="folder for the experiment's runs and results")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("attention", help="draw attention maps of a run for a text")
+    p.add_argument("--run", required=True, help="run dir (gpt, bert, transformer or rnn)")
+    p.add_argument("text", help="prompt (gpt, bert) or sentence to translate (seq2seq)")
+    p.add_argument("--png", required=True, help="PNG file to write")
+    p.add_argument("--beam", type=int, default=1, help="beam size for translations")
+    p.set_defaults(func=cmd_attention)
     return parser
 
 

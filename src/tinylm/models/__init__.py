@@ -8,6 +8,8 @@ import importlib
 # family -> (module, model class, config class)
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "gpt": ("tinylm.models.gpt", "GPT", "GPTConfig"),
+    "transformer": ("tinylm.models.transformer", "Transformer", "TransformerConfig"),
+    "rnn": ("tinylm.models.rnn", "RNNEncoderDecoder", "RNNConfig"),
     "bert": ("tinylm.models.bert", "BertModel", "BertConfig"),
 }
 

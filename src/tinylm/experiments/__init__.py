@@ -1,0 +1,1 @@
+"""Experiments: several runs side by side, measured and drawn (`tinylm experiment NAME`)."""
