@@ -16,18 +16,8 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))
+def corpus(tmp_path):
     path = tmp_path / "stories.txt"
     path.write_text("\n\n".join(SENTENCES * 40))
     return path
