@@ -103,7 +103,7 @@ def cmd_next_word(args: argparse.Namespace) -> None:
     from tinylm import viz
     from tinylm.infer.explain import format_table, next_token_table
 
-    model, tok = tinylm.load(args.run)
+    model, tok = tinylm.load(args.run, family="gpt")
     rows = next_token_table(model, tok, args.text, args.k)
     print(f"next token after {args.text!r}:")
     print(format_table(rows))
