@@ -9,7 +9,13 @@ import torch
 
 from tinylm.cli import main
 from tinylm.errors import UserError
-from tinylm.infer.engine import Engine, SamplingParams, naive_generate
+from tinylm.infer.engine import (
+    Engine,
+    SamplingParams,
+    naive_generate,
+    sample_from,
+    sampling_probs,
+)
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 from tinylm.tokenizer import SPECIAL_TOKENS, train_char
 
@@ -299,3 +305,34 @@ def test_cli_sample_streams_and_rejects_bad_input(tmp_path, tok, capsys):
     assert "longer than the context window" in err and "Traceback" not in err
     assert main(["sample", "--run", str(tmp_path), "--prompt", TEXT, "--truncate",
                  "--max-new-tokens", "4"]) == 0
+
+
+def kept_by_sorting(logits: torch.Tensor, t: float, k: int, p: float) -> set[int]:
+    """The textbook top-k then top-p kept set, by sorting the whole vocabulary."""
+    order = (logits / t).argsort(descending=True).tolist()
+    if k:
+        order = order[:k]
+    if p >= 1:  # off
+        return set(order)
+    probs = (logits[order] / t).softmax(-1)
+    before = probs.cumsum(-1) - probs
+    return {i for i, b in zip(order, before.tolist()) if b < p}
+
+
+@pytest.mark.parametrize("scale", [0.1, 8.0])  # flat (nucleus of hundreds) and peaked
+def test_sampling_keeps_exactly_the_top_k_and_nucleus_tokens(scale):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1000) * scale
+    settings = [(1.0, 0, 0.9), (0.7, 50, 1.0), (1.3, 200, 0.5), (1.0, 0, 1.0), (0.5, 3, 0.99)]
+    t, k, p = (torch.tensor(x) for x in zip(*settings))
+    probs = sampling_probs(logits, t[:, None], k, p[:, None])
+    for row, (ti, ki, pi) in enumerate(settings):
+        kept = set(probs[row].nonzero().flatten().tolist())
+        assert kept == kept_by_sorting(logits[row], ti, ki, pi)
+
+
+def test_samples_follow_the_distribution():
+    probs = torch.tensor([[0.5, 0.25, 0.0, 0.15, 0.1]]).expand(20000, 5)
+    ids = sample_from(probs, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(ids, minlength=5).float() / 20000
+    assert torch.allclose(freq, probs[0], atol=0.01) and freq[2] == 0

@@ -11,8 +11,8 @@ compute without a costly copy at every step.
 
 `naive_generate` runs the whole model over the whole sequence at every step: slow, obviously
 correct, and kept as the reference the engine is tested against token for token. Both share the
-numerics of sampling (`apply_penalties`, `filter_logits`), so they can only differ in how the
-logits were computed.
+numerics of sampling (`apply_penalties`, `sampling_probs`, `sample_from`), so they can only
+differ in how the logits were computed.
 
 Logprobs are those of the model's own distribution (softmax of the raw logits, before
 penalties, temperature and top-k/top-p), as PPO needs and as vLLM reports by default.
@@ -120,36 +120,56 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tens
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def filter_logits(logits: torch.Tensor, temperature: torch.Tensor | float,
-                  top_k: torch.Tensor | int, top_p: torch.Tensor | float) -> torch.Tensor:
-    """Temperature, top-k and top-p (nucleus) applied to (B, V) logits. Each setting is a
-    number or a per-row tensor ((B, 1) for temperature/top_p, (B,) for top_k)."""
-    V = logits.size(-1)
-    if torch.is_tensor(temperature):
-        logits = logits / temperature.clamp(min=1e-8)
-    else:
-        logits = logits / max(temperature, 1e-8)
-    top_k = torch.as_tensor(top_k, device=logits.device).expand(logits.size(0))
+def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor | float,
+                   top_k: torch.Tensor | int, top_p: torch.Tensor | float) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on (B, V) logits; returns (B, V)
+    probabilities, zero outside the kept tokens (not renormalised: sampling does not need it).
+
+    Each setting is a number or a per-row tensor ((B, 1) for temperature and top_p, (B,) for
+    top_k; 0 = off). Tokens tied with the last kept one are kept too. Sorting a 4096-word
+    vocabulary costs milliseconds on a CPU, so the nucleus is looked for among the 64 most
+    likely tokens first, then the 512, and the whole vocabulary is sorted only when needed."""
+    B, V = logits.shape
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    logits = logits / temperature.clamp(min=1e-8).reshape(-1, 1)
+    top_k = torch.as_tensor(top_k, device=logits.device).expand(B)
     if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k, V).clamp(max=V)  # (B,) 0 = keep all V
+        k = torch.where(top_k > 0, top_k, 1).clamp(max=V)  # (B,)
         kth = torch.topk(logits, int(k.max())).values.gather(-1, (k - 1)[:, None])  # (B, 1)
+        kth = torch.where(top_k[:, None] > 0, kth, neg_inf)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device)
+    probs = logits.softmax(-1)  # (B, V), renormalised over the top-k
+    top_p = torch.as_tensor(top_p, dtype=probs.dtype, device=probs.device).reshape(-1, 1)
     if bool((top_p < 1).any()):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p.reshape(-1, 1)  # keep the token crossing top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+        top_p = top_p.expand(B, 1)
+        for m in sorted({min(64, V), min(512, V), V}):
+            best = torch.topk(probs, m).values  # (B, m), descending
+            cum = best.cumsum(-1)
+            if m == V or bool((cum[:, -1:] >= top_p).all()):  # every nucleus is inside
+                break
+        n_keep = ((cum - best) < top_p).sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+        threshold = torch.where(top_p < 1, best.gather(-1, n_keep - 1), 0.0)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids (B,) by inverse transform sampling: the first token whose cumulative
+    probability exceeds u * total, with u (B,) uniform in [0, 1). One random number per row
+    (cheap, and easy to draw from each request's own generator)."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    target = u[:, None].to(cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=probs.size(-1) - 1)
 
 
 def pick(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V), all rows with the same settings."""
     if p.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float(), p.temperature, p.top_k, p.top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    probs = sampling_probs(logits.float(), p.temperature, p.top_k, p.top_p)
+    u = torch.rand(logits.size(0), generator=gen)  # on the CPU, like the engine's generators
+    return sample_from(probs, u.to(logits.device))
 
 
 @torch.no_grad()
@@ -157,7 +177,7 @@ def naive_generate(model, idx: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """(B, T) prompt ids -> (B, T + max_new_tokens); the full forward pass at every step.
 
     No stopping, no padding: the reference for the engine's token choices."""
-    gen = torch.Generator(idx.device).manual_seed(p.seed) if p.seed is not None else None
+    gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
     block, T = model.config.block_size, idx.shape[1]
     for _ in range(p.max_new_tokens):
         logits = model(idx[:, -block:])[:, -1]
@@ -273,7 +293,6 @@ class _Settings:
         self.penalized = any(p.penalized for p in ps)
         self.want_logprobs = any(p.logprobs or p.top_logprobs for p in ps)
         self.top_n = max(p.top_logprobs for p in ps)
-        self.seeded = [i for i, r in enumerate(rows) if r.gen is not None]
 
         def col(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -304,14 +323,14 @@ class _Settings:
                                      self.frequency, self.presence)
         nxt = logits.argmax(-1)
         if self.any_sampled:
-            probs = filter_logits(logits, self.temperature, self.top_k, self.top_p).softmax(-1)
-            sampled = torch.empty_like(nxt)
-            free = [i for i in range(len(rows)) if rows[i].gen is None]
-            if free:  # rows without a seed share the global RNG
-                sampled[free] = torch.multinomial(probs[free], 1).squeeze(-1)
-            for i in (i for i in range(len(rows)) if rows[i].gen is not None):
-                sampled[i] = torch.multinomial(probs[i : i + 1], 1, generator=rows[i].gen)[0, 0]
-            nxt = torch.where(self.greedy, nxt, sampled)
+            probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+            # One uniform per row: from the row's own generator when it has a seed (so its
+            # text does not depend on its batch mates), else from the global RNG.
+            u = torch.rand(len(rows), device=logits.device)
+            for i, r in enumerate(rows):
+                if r.gen is not None:
+                    u[i] = torch.rand(1, generator=r.gen).item()
+            nxt = torch.where(self.greedy, nxt, sample_from(probs, u))
         if self.penalized:
             self.seen.scatter_(1, nxt[:, None], True)
             self.counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None],
@@ -355,7 +374,8 @@ class Engine:
     # -- requests --
     def _need_tokenizer(self, what: str) -> None:
         if self.tok is None:
-            raise UserError(f"{what} needs a tokenizer; make the Engine with one")
+            raise UserError(f"the Engine has no tokenizer, which {what} needs; make it with "
+                            "Engine(model, tokenizer)")
 
     def _rows(self, prompts, params) -> list[_Row]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
