@@ -11,8 +11,8 @@ or its reverse (`"reverse"`). Three encoder-decoders train on it with the same b
 - `transformer`: the Transformer encoder-decoder (Vaswani et al. 2017).
 
 Then each copies fresh strings of every length (greedy decoding) and we plot the exact-match
-accuracy against the input length. A random string of n symbols out of 20 holds n * log2(20)
-= 4.3 n bits; the RNN without attention must carry all of them in its d_model numbers, so
+accuracy against the input length. A random string of n symbols out of 10 holds n * log2(10)
+= 3.3 n bits; the RNN without attention must carry all of them in its d_model numbers, so
 it falls off as n grows, while the attention models read each symbol back from the source
 when they need it.
 """
@@ -51,7 +51,7 @@ def _rnn_default() -> RNNConfig:
 
 
 def _train_default() -> TrainConfig:
-    return TrainConfig(steps=800, batch_size=64, optimizer="adamw", lr=3e-3, warmup_steps=50,
+    return TrainConfig(steps=1000, batch_size=64, optimizer="adamw", lr=3e-3, warmup_steps=50,
                        schedule="cosine", min_lr_factor=0.05, log_every=50)
 
 
@@ -59,9 +59,9 @@ def _train_default() -> TrainConfig:
 class BottleneckConfig:
     out: str = "runs/bottleneck"
     task: str = "copy"  # copy | reverse
-    symbols: str = "abcdefghijklmnopqrst"  # the alphabet of the random strings
-    min_len: int = 4
-    max_len: int = 32
+    symbols: str = "abcdefghij"  # the alphabet of the random strings
+    min_len: int = 2
+    max_len: int = 20
     eval_per_length: int = 40  # fresh test strings per length
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     transformer: TransformerConfig = field(default_factory=_transformer_default)
@@ -166,9 +166,12 @@ def plot_accuracy_by_length(curves: dict[str, dict[int, float]], title: str,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (label, acc), marker in zip(curves.items(), "osd^v"):
-        xs = sorted(acc)
-        ax.plot(xs, [acc[n] for n in xs], marker=marker, ms=4, label=label)
+    styles = [("o", "-", 5), ("s", "--", 7), ("d", ":", 5), ("^", "-.", 5)]
+    for (label, acc), (marker, line, size) in zip(curves.items(), styles):
+        xs = sorted(acc)  # distinct dashes and marker sizes: equal curves stay visible
+        ax.plot(xs, [acc[n] for n in xs], marker=marker, ls=line, ms=size, lw=1.5,
+                mfc="none" if size > 5 else None, label=label)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("input length (symbols)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.03, 1.03)

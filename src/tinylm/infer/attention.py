@@ -38,6 +38,7 @@ class AttentionMaps:
     weights: torch.Tensor
     queries: list[str]  # T labels (prompt tokens, or generated target tokens)
     keys: list[str]  # S labels (prompt tokens, or source tokens)
+    text: str = ""  # the prompt or source sentence
     translation: str = ""
 
 
@@ -68,7 +69,7 @@ def self_attention(model, tok: Tokenizer, text: str) -> AttentionMaps:
         for a in attns:
             a.keep_weights, a.weights = False, None
     labels = _labels(tok, ids)
-    return AttentionMaps("self", family, weights.float().cpu(), labels, labels)
+    return AttentionMaps("self", family, weights.float().cpu(), labels, labels, text)
 
 
 @torch.no_grad()
@@ -110,7 +111,7 @@ def cross_attention(model, src_tok: Tokenizer, tgt_tok: Tokenizer, text: str,
             model.decoder.keep_weights, model.decoder.weights = False, []
     outputs = (hyp + [tgt_tok.eos_id])[: tgt_in.shape[1]]  # what each query position wrote
     return AttentionMaps("cross", model.family, weights.float().cpu(),
-                         _labels(tgt_tok, outputs), _labels(src_tok, src_ids),
+                         _labels(tgt_tok, outputs), _labels(src_tok, src_ids), text,
                          tgt_tok.decode(hyp, skip_special=True))
 
 
@@ -138,7 +139,8 @@ def plot_attention(maps: AttentionMaps, out: Path, title: str = "") -> Path:
 
     L, H, T, S = maps.weights.shape
     cell = max(1.6, min(4.0, 0.22 * max(T, S) + 0.8))
-    fig, axes = plt.subplots(L, H, figsize=(cell * H + 0.6, cell * L + 0.9), squeeze=False)
+    width = max(cell * H + 0.6, 5.0)  # room for the title above a single panel
+    fig, axes = plt.subplots(L, H, figsize=(width, cell * L + 0.9), squeeze=False)
     show = [repr(t)[1:-1] for t in maps.keys], [repr(t)[1:-1] for t in maps.queries]
     for layer in range(L):
         for head in range(H):
@@ -157,7 +159,11 @@ def plot_attention(maps: AttentionMaps, out: Path, title: str = "") -> Path:
     fig.supxlabel(axis, fontsize=9)
     fig.supylabel("generated tokens ->" if maps.kind == "cross" else "query tokens ->",
                   fontsize=9)
-    fig.suptitle(title or f"{maps.family} {maps.kind}-attention", fontsize=10)
+    if not title:
+        title = f"{maps.family} {maps.kind}-attention"
+        if maps.kind == "cross":
+            title += f": {maps.text!r} -> {maps.translation!r}"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -111,42 +111,54 @@ class RNNState:
 
 
 class Decoder(nn.Module):
-    """One step at a time: [y_{t-1}; c_t] -> stacked cells -> tanh output layer."""
+    """[y_{t-1}; c_t] -> stacked GRU/LSTM -> tanh output layer, over T steps at once.
+
+    Without attention c_t = c for every t, so all inputs are known up front and the recurrent
+    layers run in one fused call; with attention c_t depends on s_{t-1}, so it steps in a loop.
+    Generation calls it with T = 1.
+    """
 
     def __init__(self, c: RNNConfig):
         super().__init__()
-        self.cell, self.d = c.cell, c.d_model
-        cell_cls = nn.GRUCell if c.cell == "gru" else nn.LSTMCell
-        self.cells = nn.ModuleList(
-            cell_cls(2 * c.d_model if i == 0 else c.d_model, c.d_model) for i in range(c.n_layer))
+        self.d = c.d_model
+        rnn_cls = nn.GRU if c.cell == "gru" else nn.LSTM
+        self.rnn = rnn_cls(2 * c.d_model, c.d_model, num_layers=c.n_layer, batch_first=True,
+                           dropout=c.dropout if c.n_layer > 1 else 0.0)
         self.attention = AdditiveAttention(c.d_model) if c.attention else None
         self.out = nn.Linear(3 * c.d_model, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.keep_weights = False
         self.weights: list[torch.Tensor] = []  # (B, S) per step, when keep_weights
 
+    def _run(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrent layers over x (B, T, 2H); hidden is (L, B, H), or (L, B, 2H) = [h; c]
+        for an LSTM."""
+        if isinstance(self.rnn, nn.LSTM):
+            out, (h, c) = self.rnn(x, (hidden[..., : self.d].contiguous(),
+                                       hidden[..., self.d :].contiguous()))
+            return out, torch.cat([h, c], dim=-1)
+        return self.rnn(x, hidden.contiguous())
+
     def forward(self, y_emb: torch.Tensor, state: RNNState) -> torch.Tensor:
-        """y_emb (B, E) embedding of the previous target token; updates state.hidden.
-        Returns the pre-generator output (B, H)."""
-        s_prev = state.hidden[-1, :, : self.d]  # (B, H) top layer's h
-        if self.attention is not None:
-            context, w = self.attention(s_prev, state.keys, state.memory, state.mask)
-            if self.keep_weights:
-                self.weights.append(w.detach())
+        """y_emb (B, T, E) embeddings of the previous target tokens; advances state.hidden.
+        Returns the pre-generator outputs (B, T, H)."""
+        T = y_emb.shape[1]
+        if self.attention is None:
+            context = state.context[:, None].expand(-1, T, -1)  # the same c at every step
+            out, state.hidden = self._run(torch.cat([y_emb, context], dim=-1), state.hidden)
         else:
-            context = state.context  # the same vector at every step: the bottleneck
-        x = torch.cat([y_emb, context], dim=-1)  # (B, 2H)
-        new = []
-        for i, cell in enumerate(self.cells):
-            if self.cell == "gru":
-                h = cell(x, state.hidden[i])
-                new.append(h)
-            else:
-                h, c = cell(x, (state.hidden[i, :, : self.d], state.hidden[i, :, self.d :]))
-                new.append(torch.cat([h, c], dim=-1))
-            x = self.drop(h)
-        state.hidden = torch.stack(new)
-        return self.drop(torch.tanh(self.out(torch.cat([h, context, y_emb], dim=-1))))
+            outs, contexts = [], []
+            for t in range(T):
+                s_prev = state.hidden[-1, :, : self.d]  # (B, H) top layer's h
+                ctx, w = self.attention(s_prev, state.keys, state.memory, state.mask)
+                if self.keep_weights:
+                    self.weights.append(w.detach())
+                x = torch.cat([y_emb[:, t], ctx], dim=-1)[:, None]  # (B, 1, 2H)
+                o, state.hidden = self._run(x, state.hidden)
+                outs.append(o)
+                contexts.append(ctx)
+            out, context = torch.cat(outs, dim=1), torch.stack(contexts, dim=1)  # (B, T, H)
+        return self.drop(torch.tanh(self.out(torch.cat([out, context, y_emb], dim=-1))))
 
 
 class RNNEncoderDecoder(nn.Module):
@@ -179,17 +191,16 @@ class RNNEncoderDecoder(nn.Module):
 
     def step(self, state: RNNState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one target token per row (B,); returns next-token logits (B, V)."""
-        out = self.decoder(self.emb_drop(self.tgt_emb(tokens)), state)
-        return self.generator(out).float()
+        out = self.decoder(self.emb_drop(self.tgt_emb(tokens[:, None])), state)  # (B, 1, H)
+        return self.generator(out[:, 0]).float()
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor,
                 tgt_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing, one step per target position. src (B, S), tgt_in (B, T) = BOS +
-        target. Returns logits (B, T, V), or the mean cross-entropy against tgt_out (B, T)."""
+        """Teacher forcing. src (B, S), tgt_in (B, T) = BOS + target. Returns logits
+        (B, T, V), or the mean cross-entropy against tgt_out (B, T) = target + EOS."""
         state = self.start(src)
-        y = self.emb_drop(self.tgt_emb(tgt_in))  # (B, T, E)
-        outs = [self.decoder(y[:, t], state) for t in range(tgt_in.shape[1])]
-        logits = self.generator(torch.stack(outs, dim=1)).float()  # (B, T, V)
+        out = self.decoder(self.emb_drop(self.tgt_emb(tgt_in)), state)  # (B, T, H)
+        logits = self.generator(out).float()  # (B, T, V)
         if tgt_out is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), tgt_out.reshape(-1),
