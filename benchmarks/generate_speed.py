@@ -3,8 +3,10 @@
 Builds GPT models of over 10M parameters (random weights: speed does not depend on them),
 exports each with tinylm.hf to a temporary folder, loads that with transformers, and times all
 three side by side in this process: prompt 32 tokens, 256 new tokens, greedy, batch 1 and 8.
-Also the per-token decode time as the context grows (64, 256, 1024), and the "matmul floor":
-the time of the model's weight matmuls alone for one token, which every implementation pays.
+Also the per-token decode time as the context grows (64, 256, 1024), the "matmul floor" (the
+time of the model's weight matmuls alone for one token, which every implementation pays), the
+tinystories-bpe preset's own 5M shape and an overhead probe with almost no arithmetic.
+Results and their reading: docs/inference.md.
 
     python benchmarks/generate_speed.py [--quick] [--threads 1] [--json out.json]
 """
@@ -37,6 +39,8 @@ MODELS = {
     "tinystories-bpe preset shape": GPTConfig(vocab_size=4096, block_size=1024, n_layer=4,
                                               n_head=4, d_model=256, mlp="swiglu",
                                               qk_norm=True, zero_init=False),
+    # Almost no arithmetic: what is left is each implementation's per-step overhead.
+    "overhead probe: GPT-2 style, 6 layers x 12 wide": gpt2_style(**(SHAPE | {"d_model": 12})),
 }
 
 
@@ -63,13 +67,14 @@ def load_hf(cfg: GPTConfig, tmp: Path):
     export_hf(tmp / "run", tmp / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "hf"),
                                                            dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # run the full length, as ignore_eos does
     return model, hf
 
 
 def hf_generate(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
     with torch.inference_mode():
         return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+                           do_sample=False, pad_token_id=0)
 
 
 def matmul_floor(model: GPT, B: int, repeats: int) -> float:

@@ -77,7 +77,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tinylm.infer.engine import Engine
     from tinylm.infer.explain import explain_sample
 
-    model, tok = tinylm.load(args.run)
+    model, tok = tinylm.load(args.run, family="gpt")
     engine = Engine(model, tok)
     params = sampling_params(args, len(tok.encode(args.prompt)), model.config.block_size)
     if args.explain:

@@ -227,15 +227,15 @@ class _Row:
             delta += self._flush()
         return delta
 
-    def _detok(self) -> str:
-        """New text since the last call, once it is whole UTF-8. Decoding a short window that
-        starts a few tokens back (as TGI does) keeps this cheap and handles decoders that strip
-        a leading space from the first token."""
+    def _detok(self, final: bool = False) -> str:
+        """New text since the last call, once it is whole UTF-8 (or whatever is left, when
+        `final`). Decoding a short window that starts a few tokens back (as TGI does) keeps this
+        cheap and handles decoders that strip a leading space from the first token."""
         ids = self.tokens[: self.n_text_tokens]
         before = self.tok.decode(ids[self.prefix_off : self.read_off], skip_special=True)
         now = self.tok.decode(ids[self.prefix_off :], skip_special=True)
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix_off, self.read_off = self.read_off, len(ids)
+        if final or (len(now) > len(before) and not now.endswith("\ufffd")):
+            self.prefix_off, self.read_off = (len(ids) if final else self.read_off), len(ids)
             return now[len(before) :]
         return ""
 
@@ -268,11 +268,7 @@ class _Row:
         """At the end: whatever text is still held back (incomplete UTF-8, a partial stop)."""
         if not self.incremental:
             return ""
-        ids = self.tokens[: self.n_text_tokens]
-        before = self.tok.decode(ids[self.prefix_off : self.read_off], skip_special=True)
-        now = self.tok.decode(ids[self.prefix_off :], skip_special=True)
-        self.prefix_off = self.read_off = len(ids)
-        out = self._stop_check(now[len(before) :])
+        out = self._stop_check(self._detok(final=True))
         rest, self.pending = self.pending, ""
         self.text += rest
         return out + rest
@@ -289,7 +285,6 @@ class _Settings:
     def __init__(self, rows: list[_Row], V: int, device: torch.device):
         ps = [r.params for r in rows]
         self.any_sampled = any(not p.greedy for p in ps)
-        self.all_greedy = not self.any_sampled
         self.penalized = any(p.penalized for p in ps)
         self.want_logprobs = any(p.logprobs or p.top_logprobs for p in ps)
         self.top_n = max(p.top_logprobs for p in ps)
