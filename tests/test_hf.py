@@ -188,28 +188,33 @@ def hf_model(kind: str, fast):
     torch.manual_seed(0)
     vocab = len(fast)
     common = dict(vocab_size=vocab, bos_token_id=fast.bos_token_id,
-                  eos_token_id=fast.eos_token_id)
+                  eos_token_id=fast.eos_token_id, num_hidden_layers=2, num_attention_heads=4,
+                  hidden_size=64, max_position_embeddings=128, rms_norm_eps=1e-6)
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, **common)
+        cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64,
+                                      vocab_size=vocab, bos_token_id=fast.bos_token_id,
+                                      eos_token_id=fast.eos_token_id)
     elif kind == "llama":
-        cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=4, hidden_size=64,
-                                       intermediate_size=176, max_position_embeddings=128,
-                                       rms_norm_eps=1e-6, **common)
+        cfg = transformers.LlamaConfig(num_key_value_heads=4, intermediate_size=176, **common)
+    elif kind == "llama-gqa-attention-bias":  # 2 key/value heads for 4 query heads
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, intermediate_size=176,
+                                       attention_bias=True, **common)
+    elif kind == "qwen2-gqa":  # q/k/v biases, no o_proj bias
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, intermediate_size=128,
+                                       tie_word_embeddings=True, **common)
     else:
-        cfg = transformers.Qwen3Config(num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=4, hidden_size=64, head_dim=16,
-                                       intermediate_size=128, max_position_embeddings=128,
-                                       rms_norm_eps=1e-6, tie_word_embeddings=True, **common)
+        cfg = transformers.Qwen3Config(num_key_value_heads=4, head_dim=16, intermediate_size=128,
+                                       tie_word_embeddings=True, **common)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # norms away from their init of ones
+    with torch.no_grad():  # norms and biases away from their init of ones and zeros
         for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-gqa-attention-bias", "qwen2-gqa",
+                                  "qwen3"])
 def test_imported_checkpoint_gives_the_same_logits(tmp_path, kind):
     import tinylm
 
@@ -249,8 +254,12 @@ def test_import_then_export_round_trips(tmp_path):
     ({"model_type": "bert", "architectures": ["BertForMaskedLM"]},
      "architecture 'bert' (BertForMaskedLM) is not supported"),
     ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-      "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 10,
-      "num_hidden_layers": 1, "max_position_embeddings": 32}, "grouped-query attention"),
+      "intermediate_size": 128, "vocab_size": 10, "num_hidden_layers": 1,
+      "max_position_embeddings": 32, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     "rope type 'linear' (rope scaling)"),
+    ({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32,
+      "intermediate_size": 128, "vocab_size": 10, "num_hidden_layers": 1,
+      "max_position_embeddings": 32}, "head_dim=32 != hidden_size/num_attention_heads=16"),
 ])
 def test_import_of_an_unsupported_folder_is_a_one_line_error(tmp_path, capsys, config, message):
     (tmp_path / "hf").mkdir()

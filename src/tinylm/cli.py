@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer)")
     p.set_defaults(func=cmd_export_hf)
 
-    p = sub.add_parser("import-hf", help="turn a local transformers GPT-2/Llama/Qwen3 folder "
-                                         "into a run dir")
+    p = sub.add_parser("import-hf", help="turn a local transformers GPT-2/Llama/Qwen2/Qwen3 "
+                                         "folder into a run dir")
     p.add_argument("hf_dir", help="folder with config.json, model.safetensors, tokenizer.json")
     p.add_argument("run", help="run dir to write")
     p.set_defaults(func=cmd_import_hf)

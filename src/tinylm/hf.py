@@ -2,7 +2,7 @@
 
 `export_hf(run, out)` writes config.json, model.safetensors and the tokenizer files that
 `transformers.AutoModelForCausalLM` / `AutoTokenizer` load without tinylm installed.
-`import_hf(hf_dir, run)` turns a local GPT-2, Llama or Qwen3 checkpoint into a tinylm run dir,
+`import_hf(hf_dir, run)` turns a local GPT-2, Llama, Qwen2 or Qwen3 checkpoint into a run dir,
 so real pretrained weights can be fine-tuned and chatted with. Neither direction needs
 transformers itself: both only read and write JSON and safetensors.
 
@@ -184,7 +184,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 # --- import -------------------------------------------------------------------------------------
-SUPPORTED = ("gpt2", "llama", "qwen3")
+SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3")
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -258,9 +258,9 @@ def gpt_config(cfg: dict[str, Any], notes: list[str]) -> GPTConfig:
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    checks = [(cfg.get("num_key_value_heads") in (None, heads),
-               f"num_key_value_heads={cfg.get('num_key_value_heads')} < num_attention_heads="
-               f"{heads} (grouped-query attention)"),
+    checks = [(heads % (cfg.get("num_key_value_heads") or heads) == 0,
+               f"num_key_value_heads={cfg.get('num_key_value_heads')} not dividing "
+               f"num_attention_heads={heads}"),
               (cfg.get("head_dim") in (None, d // heads), f"head_dim={cfg.get('head_dim')} "
                f"!= hidden_size/num_attention_heads={d // heads}"),
               (cfg.get("hidden_act", "silu") == "silu", f"hidden_act={cfg.get('hidden_act')!r}"),
@@ -271,7 +271,9 @@ def gpt_config(cfg: dict[str, Any], notes: list[str]) -> GPTConfig:
     if not math.isclose(eps, RMS_NORM_EPS):
         notes.append(f"rms_norm_eps={eps} differs from tinylm's 1e-6: logits will differ "
                      "very slightly from the original")
-    bias = bool(cfg.get("attention_bias") or cfg.get("mlp_bias"))
+    # Qwen2 has q/k/v biases (no switch); tinylm's bias=true gives every linear a bias, and
+    # the ones the checkpoint lacks are loaded as zeros.
+    bias = kind == "qwen2" or bool(cfg.get("attention_bias") or cfg.get("mlp_bias"))
     return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["max_position_embeddings"],
                      n_layer=cfg["num_hidden_layers"], n_head=heads, d_model=d, mlp="swiglu",
                      mlp_ratio=mlp_ratio_for(cfg["intermediate_size"], d, True), norm="rms",
@@ -288,9 +290,13 @@ def _check(checks: list[tuple[bool, str]], kind: str) -> None:
                             "counterpart for")
 
 
-def tinylm_state_dict(hf: dict[str, torch.Tensor], c: GPTConfig, kind: str
+def tinylm_state_dict(hf: dict[str, torch.Tensor], c: GPTConfig, kind: str, n_kv: int
                       ) -> dict[str, torch.Tensor]:
-    """transformers names and layouts -> tinylm's (the inverse of hf_state_dict)."""
+    """transformers names and layouts -> tinylm's (the inverse of hf_state_dict).
+
+    Grouped-query attention (n_kv key/value heads shared by groups of query heads) becomes
+    plain multi-head attention by repeating each key/value head's projection rows for every
+    query head of its group: the same numbers, computed with bigger k/v weights."""
     sd: dict[str, torch.Tensor] = {}
     d = c.d_model
     if kind == "gpt2":
@@ -320,6 +326,11 @@ def tinylm_state_dict(hf: dict[str, torch.Tensor], c: GPTConfig, kind: str
                 for kind_ in ("weight", "bias"):
                     if f"{h}{theirs}.{kind_}" in hf:
                         sd[f"{b}{ours}.{kind_}"] = hf[f"{h}{theirs}.{kind_}"]
+            if n_kv < c.n_head:
+                for name in (f"{b}attn.{x}.{kind_}" for x in "kv" for kind_ in ("weight", "bias")):
+                    if name in sd:  # (n_kv * head_dim, ...) -> (n_head * head_dim, ...)
+                        w = sd[name].unflatten(0, (n_kv, -1))
+                        sd[name] = w.repeat_interleave(c.n_head // n_kv, 0).flatten(0, 1)
         sd["norm_f.weight"] = hf["model.norm.weight"]
         head = hf.get("lm_head.weight", sd["tok_emb.weight"])
     sd["lm_head.weight"] = head
@@ -393,7 +404,7 @@ def grow_vocab(sd: dict[str, torch.Tensor], c: GPTConfig, n: int) -> None:
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> list[str]:
-    """Write a tinylm run dir from a transformers GPT-2 / Llama / Qwen3 folder; returns
+    """Write a tinylm run dir from a transformers GPT-2 / Llama / Qwen2 / Qwen3 folder; returns
     notes for the user (e.g. small numeric differences)."""
     import tomli_w
 
@@ -409,8 +420,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> list[str]:
     c = gpt_config(cfg, notes)
     tok = import_tokenizer(hf_dir, cfg)
     hf = read_hf_weights(hf_dir)
+    n_kv = cfg.get("num_key_value_heads") or c.n_head
     try:
-        sd = tinylm_state_dict(hf, c, cfg["model_type"])
+        sd = tinylm_state_dict(hf, c, cfg["model_type"], n_kv)
     except KeyError as e:
         raise UserError(f"{hf_dir}: weight {e} is missing; is the checkpoint complete?") from None
     old_vocab = c.vocab_size
@@ -421,6 +433,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> list[str]:
     if c.tie_embeddings:
         del sd["lm_head.weight"]
     model = GPT(c)
+    for name, p in model.state_dict().items():
+        if name.endswith(".bias") and name not in sd:
+            sd[name] = torch.zeros_like(p)  # a bias the checkpoint does not have
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and c.tie_embeddings)]
     if missing or unexpected:
