@@ -85,8 +85,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(args.prompt + completion.text)
         print(table)
     elif args.num_samples == 1:  # stream: text appears as it is generated
+        pieces = engine.stream(args.prompt, params)  # bad input fails here, before any output
         print(args.prompt, end="", flush=True)
-        for delta in engine.stream(args.prompt, params):
+        for delta in pieces:
             print(delta, end="", flush=True)
         print()
     else:

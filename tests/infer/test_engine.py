@@ -278,6 +278,8 @@ def test_bad_sampling_input_is_a_one_line_error(model, tok, params, message):
 def test_prompt_longer_than_the_window_is_an_error(model, tok):
     with pytest.raises(UserError, match="longer than the context window"):
         Engine(model, tok).generate([TEXT], SamplingParams(max_new_tokens=5))
+    with pytest.raises(UserError, match="longer than the context window"):
+        Engine(model, tok).stream(TEXT, SamplingParams(max_new_tokens=5))  # before iterating
 
 
 def test_engine_does_not_leave_the_model_in_eval_mode(model, tok):
@@ -301,8 +303,8 @@ def test_cli_sample_streams_and_rejects_bad_input(tmp_path, tok, capsys):
     assert main(["sample", "--run", str(tmp_path), "--temperature", "-1"]) == 2
     assert "temperature=-1.0 must be >= 0" in capsys.readouterr().err
     assert main(["sample", "--run", str(tmp_path), "--prompt", TEXT]) == 2
-    err = capsys.readouterr().err
-    assert "longer than the context window" in err and "Traceback" not in err
+    out, err = capsys.readouterr()
+    assert "longer than the context window" in err and "Traceback" not in err and out == ""
     assert main(["sample", "--run", str(tmp_path), "--prompt", TEXT, "--truncate",
                  "--max-new-tokens", "4"]) == 0
 

@@ -354,17 +354,16 @@ class Engine:
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
         """Text increments of one completion as soon as they are valid UTF-8 (and cannot be
-        the start of a stop string); joined they equal `generate(...)[0].text`."""
-        for _, delta in self.stream_batch([prompt], params):
-            yield delta
+        the start of a stop string); joined they equal `generate(...)[0].text`. Bad input
+        raises here, before the first increment is asked for."""
+        events = self.stream_batch([prompt], params)
+        return (delta for _, delta in events)
 
     def stream_batch(self, prompts, params=None) -> Iterator[tuple[int, str]]:
         """(prompt index, text increment) pairs for a batch of prompts run together."""
         self._need_tokenizer("streaming text")
-        rows = self._rows(prompts, params)
-        for row, delta in self._run(rows):
-            if delta:
-                yield row.index, delta
+        rows = self._rows(prompts, params)  # validate now, not at the first next()
+        return ((row.index, delta) for row, delta in self._run(rows) if delta)
 
     # -- requests --
     def _need_tokenizer(self, what: str) -> None:
