@@ -6,13 +6,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 import tinylm
 from tinylm import config as configlib
 from tinylm import viz
 from tinylm.errors import UserError
-from tinylm.infer.engine import SamplingParams, naive_generate
+from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.explain import format_table, next_token_table
 from tinylm.stages.pretrain import PretrainConfig, pretrain
 
@@ -34,11 +32,10 @@ def main() -> int:
                   f"{result['train_time']:.0f} s; loss curve in {RUN}/loss.png")
         model, tok = tinylm.load(RUN)
         print(f"\n== 2. samples (tinylm sample --run {RUN} --prompt 'Once upon a time')")
-        prompt = torch.tensor([tok.encode("Once upon a time")] * 3)
-        out = naive_generate(model, prompt, SamplingParams(60, temperature=0.8, top_k=50,
-                                                           seed=0))
-        for row in out.tolist():
-            print("  ", tok.decode(row, skip_special=True).replace("\n", " "), "\n")
+        params = [SamplingParams(max_new_tokens=60, temperature=0.8, top_k=50, seed=s)
+                  for s in range(3)]
+        for out in Engine(model, tok).generate(["Once upon a time"] * 3, params):
+            print("   Once upon a time" + out.text.replace("\n", " "), "\n")
         print(f"== 3. next word (tinylm next-word --run {RUN} '{SENTENCE}')")
         rows = next_token_table(model, tok, SENTENCE, 10)
         print(format_table(rows))

@@ -180,7 +180,7 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        w = scores.float().softmax(-1).to(q.dtype)
+        w = scores.float().softmax(-1).nan_to_num(0.0).to(q.dtype)  # a padding query: no keys
         self.weights = w.detach()
         return w @ v
 
