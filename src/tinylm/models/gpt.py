@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.models.layers import Block, KVCache, Rotary, make_norm
+from tinylm.models.layers import Block, KVCache, Rotary, check_stack_options, make_norm, mlp_hidden
 
 
 @dataclass
@@ -42,20 +42,11 @@ class GPTConfig:
     def __post_init__(self):
         if self.depth > 0:
             self.n_layer, self.d_model, self.n_head = self.depth, 64 * self.depth, self.depth
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        if self.pos == "rope" and (self.d_model // self.n_head) % 2:
-            raise ValueError("rotary positions need an even head size (d_model / n_head)")
-        for name, value, options in (("mlp", self.mlp, ("relu2", "swiglu", "gelu", "relu")),
-                                     ("norm", self.norm, ("rms", "layer")),
-                                     ("pos", self.pos, ("rope", "learned"))):
-            if value not in options:
-                raise ValueError(f"{name}={value!r} is not one of {', '.join(options)}")
+        check_stack_options(self.d_model, self.n_head, self.mlp, self.norm, self.pos)
 
     @property
     def hidden(self) -> int:
-        h = int(self.mlp_ratio * self.d_model)
-        return int(2 * h / 3) // 8 * 8 if self.mlp == "swiglu" else h
+        return mlp_hidden(self.mlp, self.mlp_ratio, self.d_model)
 
 
 def gpt2_style(**overrides) -> GPTConfig:

@@ -17,6 +17,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_stack_options(d_model: int, n_head: int, mlp: str, norm: str, pos: str) -> None:
+    """The validation every Transformer-stack config shares (GPT, BERT): ValueError if bad."""
+    if d_model % n_head:
+        raise ValueError(f"d_model={d_model} must be divisible by n_head={n_head}")
+    if pos == "rope" and (d_model // n_head) % 2:
+        raise ValueError("rotary positions need an even head size (d_model / n_head)")
+    for name, value, options in (("mlp", mlp, ("relu2", "swiglu", "gelu", "relu")),
+                                 ("norm", norm, ("rms", "layer")),
+                                 ("pos", pos, ("rope", "learned"))):
+        if value not in options:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+
+def mlp_hidden(kind: str, ratio: float, d_model: int) -> int:
+    """MLP width: ratio * d_model; SwiGLU takes 2/3 of it (rounded to 8) to keep the weights
+    count equal, as Llama does."""
+    h = int(ratio * d_model)
+    return int(2 * h / 3) // 8 * 8 if kind == "swiglu" else h
+
+
 class RMSNorm(nn.RMSNorm):
     """RMSNorm whose weight follows the input's dtype, so bf16 activations (QK-norm under
     autocast) take PyTorch's fused kernel instead of a slow mixed-dtype fallback."""
