@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -42,3 +43,44 @@ def load_stage_config(cls, path: str | None, overrides: list[str], out: str | No
 def batch_generator(seed: int, step: int, k: int) -> torch.Generator:
     """The RNG for micro-batch k of `step`: a pure function of (seed, step, k)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + k)
+
+
+def prepare_tokens(run_dir: Path, data_cfg, init: str, resume: bool):
+    """The corpus as cached token ids, with the tokenizer of the run (on resume), of the
+    --init run, or freshly trained on the corpus. Returns (tokenizer, TokenData)."""
+    from tinylm.data.text import load_text
+    from tinylm.data.tokens import TokenData, encode_cached
+    from tinylm.tokenizer import Tokenizer
+    from tinylm.tokenizer import train as train_tokenizer
+
+    text = load_text(data_cfg.corpus)
+    if resume:
+        tok = Tokenizer.load(run_dir / "tokenizer.json")
+    elif init:
+        tok = Tokenizer.load(Path(init) / "tokenizer.json")
+    else:
+        tok = train_tokenizer(text, data_cfg.tokenizer, data_cfg.vocab_size)
+    return tok, TokenData(encode_cached(text, tok), data_cfg.val_fraction)
+
+
+def build_or_init(model_cfg, model_cls, init: str, tok, seed: int):
+    """A fresh `model_cls(model_cfg)` (vocab_size 0 = the tokenizer's), or the --init run's
+    model with this config's block_size and dropout. Returns (model, resolved config)."""
+    from tinylm.train import checkpoint
+
+    if init:
+        model = checkpoint.load_model(Path(init), family=model_cls.family)
+        old = model.config
+        if model_cfg.block_size > old.block_size and old.pos == "learned":
+            raise UserError(f"model.block_size={model_cfg.block_size} is over the "
+                            f"{old.block_size} learned positions of {init}; use at most that")
+        model.config = dataclasses.replace(old, block_size=model_cfg.block_size,
+                                           dropout=model_cfg.dropout)
+        return model, model.config
+    if model_cfg.vocab_size == 0:
+        model_cfg.vocab_size = tok.vocab_size
+    if model_cfg.vocab_size < tok.vocab_size:
+        raise UserError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                        f"tokenizer's {tok.vocab_size}; leave it at 0")
+    torch.manual_seed(seed)
+    return model_cls(model_cfg), model_cfg

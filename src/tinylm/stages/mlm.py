@@ -7,9 +7,7 @@ same per-step generator that picked it, so --resume replays batches and masks ex
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,16 +15,16 @@ import torch
 from tinylm import config as configlib
 from tinylm import viz
 from tinylm.data.mlm import Masker, MaskingConfig
-from tinylm.data.text import load_text
-from tinylm.data.tokens import TokenData, encode_cached
 from tinylm.errors import UserError
 from tinylm.eval.mlm import mlm_metrics
 from tinylm.models.bert import BertConfig, BertModel
-from tinylm.stages.common import batch_generator, prepare_run_dir
+from tinylm.stages.common import (
+    batch_generator,
+    build_or_init,
+    prepare_run_dir,
+    prepare_tokens,
+)
 from tinylm.stages.pretrain import DataConfig
-from tinylm.tokenizer import Tokenizer
-from tinylm.tokenizer import train as train_tokenizer
-from tinylm.train import checkpoint
 from tinylm.train.loop import TrainConfig, train
 
 
@@ -49,35 +47,11 @@ def train_mlm(cfg: MLMConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) the masked LM described by `cfg`; returns the last metrics, with
     val_loss, val_ppl and val_acc (held-out masked-token accuracy) from the final eval."""
     run_dir = prepare_run_dir(cfg.out, resume)
-    text = load_text(cfg.data.corpus)
-    if resume:
-        tok = Tokenizer.load(run_dir / "tokenizer.json")
-    elif cfg.init:
-        tok = Tokenizer.load(Path(cfg.init) / "tokenizer.json")
-    else:
-        tok = train_tokenizer(text, cfg.data.tokenizer, cfg.data.vocab_size)
-    data = TokenData(encode_cached(text, tok), cfg.data.val_fraction)
-
-    if cfg.init:
-        model = checkpoint.load_model(Path(cfg.init), family="bert")
-        if cfg.model.block_size > model.config.block_size and model.config.pos == "learned":
-            raise UserError(
-                f"model.block_size={cfg.model.block_size} is over the {model.config.block_size}"
-                f" learned positions of {cfg.init}; use at most that")
-        cfg.model = dataclasses.replace(model.config, block_size=cfg.model.block_size,
-                                        dropout=cfg.model.dropout)
-        model.config = cfg.model
-    else:
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = tok.vocab_size
-        if cfg.model.vocab_size < tok.vocab_size:
-            raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                            f"tokenizer's {tok.vocab_size}; leave it at 0")
-        if tok.pad_id != cfg.model.pad_id:
-            raise UserError(f"model.pad_id={cfg.model.pad_id} is not the tokenizer's padding "
-                            f"id {tok.pad_id}; leave it at its default")
-        torch.manual_seed(cfg.train.seed)
-        model = BertModel(cfg.model)
+    tok, data = prepare_tokens(run_dir, cfg.data, cfg.init, resume)
+    if tok.pad_id != cfg.model.pad_id:
+        raise UserError(f"model.pad_id={cfg.model.pad_id} is not the tokenizer's padding "
+                        f"id {tok.pad_id}; leave it at its default")
+    model, cfg.model = build_or_init(cfg.model, BertModel, cfg.init, tok, cfg.train.seed)
     T = cfg.model.block_size
     data.check_block(T)
     masker = Masker(tok, cfg.masking)

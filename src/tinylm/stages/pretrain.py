@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from tinylm import config as configlib
 from tinylm import viz
-from tinylm.data.text import load_text
-from tinylm.data.tokens import TokenData, encode_cached
-from tinylm.errors import UserError
+from tinylm.data.tokens import TokenData
 from tinylm.models.gpt import GPT, GPTConfig
-from tinylm.stages.common import batch_generator, prepare_run_dir
-from tinylm.tokenizer import Tokenizer
-from tinylm.tokenizer import train as train_tokenizer
-from tinylm.train import checkpoint
+from tinylm.stages.common import (
+    batch_generator,
+    build_or_init,
+    prepare_run_dir,
+    prepare_tokens,
+)
 from tinylm.train.loop import TrainConfig, train
 
 
@@ -56,32 +52,8 @@ def val_loss(model: GPT, data: TokenData, cfg: DataConfig, T: int) -> float:
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg.out, resume)
-    text = load_text(cfg.data.corpus)
-    if resume:
-        tok = Tokenizer.load(run_dir / "tokenizer.json")
-    elif cfg.init:
-        tok = Tokenizer.load(Path(cfg.init) / "tokenizer.json")
-    else:
-        tok = train_tokenizer(text, cfg.data.tokenizer, cfg.data.vocab_size)
-    data = TokenData(encode_cached(text, tok), cfg.data.val_fraction)
-
-    if cfg.init:
-        model = checkpoint.load_model(Path(cfg.init), family="gpt")
-        if cfg.model.block_size > model.config.block_size and model.config.pos == "learned":
-            raise UserError(
-                f"model.block_size={cfg.model.block_size} is over the {model.config.block_size}"
-                f" learned positions of {cfg.init}; use at most that")
-        cfg.model = dataclasses.replace(model.config, block_size=cfg.model.block_size,
-                                        dropout=cfg.model.dropout)
-        model.config = cfg.model
-    else:
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = tok.vocab_size
-        if cfg.model.vocab_size < tok.vocab_size:
-            raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than "
-                                      f"the tokenizer's {tok.vocab_size}; leave it at 0")
-        torch.manual_seed(cfg.train.seed)
-        model = GPT(cfg.model)
+    tok, data = prepare_tokens(run_dir, cfg.data, cfg.init, resume)
+    model, cfg.model = build_or_init(cfg.model, GPT, cfg.init, tok, cfg.train.seed)
     T = cfg.model.block_size
     data.check_block(T)
 
