@@ -82,6 +82,17 @@ def _check_value(name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{name} must be a list, got {value!r}")
         return [_check_value(name, typing.get_args(hint)[0], v) for v in value]
+    if origin is dict:  # keys may come as strings (JSON objects): "17" -> 17 for dict[int, ...]
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must be a table, got {value!r}")
+        key_type, value_type = typing.get_args(hint)
+        out = {}
+        for k, v in value.items():
+            if key_type is int and isinstance(k, str) and k.lstrip("-").isdigit():
+                k = int(k)
+            out[_check_value(f"{name} key", key_type, k)] = _check_value(f"{name}[{k}]",
+                                                                         value_type, v)
+        return out
     if isinstance(hint, type) and not isinstance(value, hint) or (
         hint is int and isinstance(value, bool)
     ):

@@ -121,29 +121,27 @@ def test_rows_that_finish_early_do_not_change_the_others(model, tok):
         assert c.token_ids == f.token_ids[:n]
 
 
-def readable(model: GPT, tok) -> GPT:
-    """The model with byte-fallback and special tokens banned, so its text is characters."""
-    ban = torch.zeros(tok.vocab_size)
-    ban[[tok.special_id(f"<0x{b:02X}>") for b in range(256)]] = -1e4
-    ban[[tok.special_id(t) for t in SPECIAL_TOKENS]] = -1e4
-    model.logits = lambda h: GPT.logits(model, h) + ban
-    return model
+def readable(tok, **kw) -> SamplingParams:
+    """Sampling params that ban byte-fallback and special tokens, so the text is characters."""
+    ban = [tok.special_id(f"<0x{b:02X}>") for b in range(256)]
+    ban += [tok.special_id(t) for t in SPECIAL_TOKENS]
+    return SamplingParams(logit_bias=dict.fromkeys(ban, -100.0), ignore_eos=True, **kw)
 
 
 @pytest.fixture(params=list(CONFIGS))
 def text_model(request, tok):
-    return readable(tiny_gpt(request.param, tok), tok)
+    return tiny_gpt(request.param, tok)
 
 
 def greedy_text(model, tok) -> str:
-    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    params = readable(tok, max_new_tokens=40, temperature=0)
     return Engine(model, tok).generate(["the cat"], params)[0].text
 
 
 def test_stop_string_cuts_across_token_boundaries(text_model, tok):
     text = greedy_text(text_model, tok)
     for stop in (text[5:9], text[12:15], text[30:31]):
-        p = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+        p = readable(tok, max_new_tokens=40, temperature=0, stop=[stop])
         c = Engine(text_model, tok).generate(["the cat"], p)[0]
         assert c.finish_reason == "stop"
         assert c.text == text[: text.index(stop)]
@@ -155,22 +153,22 @@ def test_stop_string_cuts_across_token_boundaries(text_model, tok):
 def test_earliest_of_several_stop_strings_wins(text_model, tok):
     text = greedy_text(text_model, tok)
     first, later = text[8:10], text[20:23]
-    p = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, stop=[later, first])
+    p = readable(tok, max_new_tokens=40, temperature=0, stop=[later, first])
     c = Engine(text_model, tok).generate(["the cat"], p)[0]
     assert c.text == text[: min(text.index(first), text.index(later))]
 
 
 def test_partial_stop_string_is_released_when_generation_ends(text_model, tok):
     text = greedy_text(text_model, tok)
-    p = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True,
-                       stop=[text[-3:] + "\x00"])  # its start matches the last tokens
+    p = readable(tok, max_new_tokens=40, temperature=0,
+                 stop=[text[-3:] + "\x00"])  # its start matches the last tokens
     assert "".join(Engine(text_model, tok).stream("the cat", p)) == text
 
 
 def test_streamed_increments_join_to_the_full_text_with_multibyte_characters(text_model, tok):
     engine = Engine(text_model, tok)
     for seed in range(3):
-        p = SamplingParams(max_new_tokens=40, temperature=1.5, seed=seed, ignore_eos=True)
+        p = readable(tok, max_new_tokens=40, temperature=1.5, seed=seed)
         pieces = list(engine.stream("ünï", p))
         full = engine.generate(["ünï"], p)[0]
         assert "".join(pieces) == full.text == tok.decode(full.token_ids, skip_special=True)
@@ -209,15 +207,13 @@ def test_stop_token_ends_generation_and_is_kept_in_ids_not_text(model, tok):
 
 
 def test_eos_stops_unless_ignored(tok):
-    model = tiny_gpt("gpt2-style", tok)
-    bonus = torch.zeros(tok.vocab_size)
-    bonus[tok.eos_id] = 1e3  # the model now always wants to end
-    model.logits = lambda h: GPT.logits(model, h) + bonus
-    engine = Engine(model, tok)
-    c = engine.generate(["the"], SamplingParams(max_new_tokens=5, temperature=0))[0]
+    engine = Engine(tiny_gpt("gpt2-style", tok), tok)
+    bonus = {tok.eos_id: 100.0}  # the model now always wants to end
+    c = engine.generate(["the"], SamplingParams(max_new_tokens=5, temperature=0,
+                                                 logit_bias=bonus))[0]
     assert (c.token_ids, c.finish_reason, c.text) == ([tok.eos_id], "stop", "")
     c = engine.generate(["the"], SamplingParams(max_new_tokens=5, temperature=0,
-                                                 ignore_eos=True))[0]
+                                                 ignore_eos=True, logit_bias=bonus))[0]
     assert (c.token_ids, c.finish_reason) == ([tok.eos_id] * 5, "length")
 
 

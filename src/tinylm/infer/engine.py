@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tinylm.errors import UserError
+from tinylm.infer.fast import FastGPT, resolve_dtype
+from tinylm.models.gpt import GPT
 
 
 @dataclass
@@ -48,6 +50,7 @@ class SamplingParams:
     logprobs: bool = False  # return the logprob of every generated token
     top_logprobs: int = 0  # ... and this many most likely alternatives at each step
     truncate: bool = False  # prompt too long for the window: keep its end instead of failing
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,6 +66,8 @@ class SamplingParams:
              "frequency_penalty and presence_penalty must be finite numbers"),
             (0 <= self.top_logprobs <= 20, f"top_logprobs={self.top_logprobs} must be in 0..20"),
             (all(self.stop), "stop strings must not be empty"),
+            (all(math.isfinite(b) for b in self.logit_bias.values()),
+             "logit_bias values must be finite numbers (-100 bans a token, 100 forces it)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -118,6 +123,17 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tens
     scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(seen, scaled, logits)
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def bias_rows(params: Sequence[SamplingParams], V: int, device) -> torch.Tensor | None:
+    """(B, V) logit biases of a batch of requests, or None when none has any."""
+    if not any(p.logit_bias for p in params):
+        return None
+    bias = torch.zeros(len(params), V, device=device)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            bias[i, list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()), device=device)
+    return bias
 
 
 def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor | float,
@@ -181,6 +197,9 @@ def naive_generate(model, idx: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     block, T = model.config.block_size, idx.shape[1]
     for _ in range(p.max_new_tokens):
         logits = model(idx[:, -block:])[:, -1]
+        bias = bias_rows([p], logits.size(-1), logits.device)
+        if bias is not None:
+            logits = logits + bias
         if p.penalized:
             V = logits.size(-1)
             seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
@@ -296,6 +315,7 @@ class _Settings:
         self.temperature = col([p.temperature for p in ps])[:, None]
         self.top_k = col([p.top_k for p in ps], torch.long)
         self.top_p = col([p.top_p for p in ps])[:, None]
+        self.bias = bias_rows(ps, V, device)
         if self.penalized:
             self.repetition = col([p.repetition_penalty for p in ps])[:, None]
             self.frequency = col([p.frequency_penalty for p in ps])[:, None]
@@ -306,13 +326,15 @@ class _Settings:
             self.counts = torch.zeros(len(rows), V, device=device)
 
     def select(self, keep: torch.Tensor) -> None:
-        for name in ("greedy", "temperature", "top_k", "top_p", "repetition", "frequency",
-                     "presence", "seen", "counts"):
-            if hasattr(self, name):
+        for name in ("greedy", "temperature", "top_k", "top_p", "bias", "repetition",
+                     "frequency", "presence", "seen", "counts"):
+            if getattr(self, name, None) is not None:
                 setattr(self, name, getattr(self, name)[keep])
 
     def choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Next token ids (B,) from logits (B, V) under each row's settings."""
+        if self.bias is not None:
+            logits = logits + self.bias
         if self.penalized:
             logits = apply_penalties(logits, self.seen, self.counts, self.repetition,
                                      self.frequency, self.presence)
@@ -337,9 +359,24 @@ class Engine:
     """Batched generation with a KV cache. `model` is a GPT (anything with `decode`,
     `new_cache`, `config.block_size`); `tokenizer` is needed for text prompts and output."""
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 64):
+    def __init__(self, model, tokenizer=None, max_batch: int = 64,
+                 dtype: str | torch.dtype | None = None):
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
         self.block_size = model.config.block_size
+        self.dtype = resolve_dtype(dtype, model)  # None: the model's; "auto": bf16 if native
+        self._fast: FastGPT | None = None
+        self._fast_key: tuple | None = None
+
+    def net(self):
+        """What runs the forward passes: for a GPT its `FastGPT` twin, rebuilt whenever the
+        model's weights changed since (an optimizer step or a load bumps each tensor's
+        version counter), so generation always sees the current weights."""
+        if not isinstance(self.model, GPT):
+            return self.model
+        key = tuple((id(p), p._version) for p in self.model.parameters())
+        if key != self._fast_key:
+            self._fast, self._fast_key = FastGPT(self.model, self.dtype), key
+        return self._fast
 
     # -- public API --
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -382,6 +419,10 @@ class Engine:
         rows = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             ids = self._prompt_ids(prompt, p)
+            bad = [t for t in p.logit_bias if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise UserError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
+                                f"(0..{self.model.config.vocab_size - 1})")
             stop_ids = set(p.stop_token_ids)
             if self.tok is not None and not p.ignore_eos:
                 stop_ids.add(self.tok.eos_id)
@@ -440,8 +481,8 @@ class Engine:
             model.train(was_training)
 
     def _run_group(self, rows: list[_Row]) -> Iterator[tuple[_Row, str]]:
-        model = self.model
-        device = model.lm_head.weight.device
+        model = self.net()
+        device = next(self.model.parameters()).device
         for r in rows:
             if r.params.max_new_tokens == 0:
                 r.finish = "length"
@@ -456,7 +497,7 @@ class Engine:
             cache = model.new_cache(len(live), P + steps,
                                     pad=torch.tensor(pad, device=device) if any(pad) else None)
             settings = _Settings(live, model.config.vocab_size, device)
-            logits = self._prefill(ids, cache)  # (B, V)
+            logits = self._prefill(model, ids, cache)  # (B, V)
         while True:
             with torch.inference_mode():
                 nxt = settings.choose(logits, live)  # (B,)
@@ -476,10 +517,10 @@ class Engine:
                     nxt, live = nxt[keep_t], [live[i] for i in keep]
                 logits = model.decode(nxt[:, None], cache)[:, -1]  # (B, V)
 
-    def _prefill(self, ids: torch.Tensor, cache) -> torch.Tensor:
+    @staticmethod
+    def _prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
         """Run the prompts through the model, filling the cache; logits (B, V) of the last
         position only (the full (B, T, V) would be wasted work for long prompts)."""
-        model = self.model
         if hasattr(model, "hidden_states"):
             h = model.hidden_states(ids, cache)  # (B, T, C)
             return model.logits(h[:, -1:])[:, -1]

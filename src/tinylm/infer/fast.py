@@ -1,0 +1,236 @@
+"""The fast path of generation: a GPT's forward pass as one flat function over weights
+prepared for inference.
+
+`GPT.forward` is written to be read and trained: a module per idea, q, k and v as three
+matmuls, positions recomputed in every layer. Decoding one token per row spends its time
+elsewhere than in arithmetic: at every step the CPU reads all the weights from memory (50 MB
+for a 12M model in fp32, more than its caches hold), and Python and PyTorch's dispatcher pay a
+few microseconds for each of a few hundred small calls. `FastGPT` computes the same function
+with less of both:
+
+- the weights are cast once to the compute dtype; with `dtype=bfloat16` on a CPU with native
+  bf16 (AVX512-BF16 or AMX) every step reads half the bytes, and the weights are packed once
+  into oneDNN's blocked layout, where a one-row matmul runs about 2.5x faster than bf16
+  `F.linear` on the same weights;
+- q, k and v are one matmul, as are SwiGLU's gate and up projections; the MLP's activation
+  and both residual adds run inside the matmuls (oneDNN post-ops);
+- positions, rotary cos/sin and the attention mask are computed once per step, not per layer;
+  q and k are normed and rotated together;
+- on a CPU, keys, values and attention stay in fp32: bf16 attention over one query is several
+  times slower there than fp32, and the cache is small next to the weights.
+
+In fp32 its logits equal `GPT.forward`'s up to float rounding (tests hold it to 1e-4, and the
+engine's greedy tokens to the naive reference's). bf16 rounds the weights and activations to 8
+bits of mantissa; docs/inference.md measures what that costs in validation loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm.errors import UserError
+from tinylm.models.gpt import GPT
+from tinylm.models.layers import KVCache
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here (CUDA, or a CPU with AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> torch.dtype:
+    """None = the model's own dtype; 'auto' = bf16 where it runs natively, else fp32."""
+    device = next(model.parameters()).device
+    if dtype is None:
+        return next(model.parameters()).dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
+    return DTYPES[dtype]
+
+
+# Packing into oneDNN's layout is used when it is there; PACK = False forces plain F.linear
+# (the tests run both).
+PACK = True
+
+
+def _can_pack(w: torch.Tensor) -> bool:
+    if not (PACK and w.device.type == "cpu" and torch.backends.mkldnn.is_available()):
+        return False
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and native_bf16(w.device))
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda y: y,
+    "relu": F.relu,
+    "gelu": lambda y: F.gelu(y, approximate="tanh"),
+}
+
+
+class Linear:
+    """y = x @ weight.T + bias [, activation] [+ residual], with the weight stored the way the
+    matmul library runs it fastest."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        w = weight.detach().to(dtype).contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.out_features = w.shape[0]
+        self.packed = _can_pack(w)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w) if self.packed else w
+
+    def __call__(self, x: torch.Tensor, act: str = "none",
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.packed:
+            y = _ACTIVATIONS[act](F.linear(x, self.weight, self.bias))
+            return y if residual is None else residual + y
+        shape = (*x.shape[:-1], self.out_features)
+        x = x.reshape(-1, x.shape[-1])
+        if residual is not None:  # act is "none" wherever a residual is added
+            y = torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual.reshape(-1, self.out_features), self.weight, self.bias, "add")
+        else:
+            algorithm = "tanh" if act == "gelu" else ""
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, act, [], algorithm)
+        return y.view(shape)
+
+
+def _norm(m: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    w = m.weight.detach().to(dtype)
+    if isinstance(m, nn.LayerNorm):
+        b = None if m.bias is None else m.bias.detach().to(dtype)
+        return lambda x: F.layer_norm(x, m.normalized_shape, w, b, m.eps)
+    return lambda x: F.rms_norm(x, m.normalized_shape, w, m.eps)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, H, S, D). For one query per row (decoding),
+    three plain ops beat PyTorch's fused CPU kernel, which is built for long queries."""
+    if q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, 1, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@dataclass
+class _Layer:
+    norm1: Callable
+    qkv: Linear
+    qk_norm: torch.Tensor | None  # (2, 1, head_dim): q_norm's and k_norm's weights, stacked
+    qk_eps: float
+    proj: Linear
+    norm2: Callable
+    up: Linear  # fc, or [gate; fc] for SwiGLU
+    down: Linear
+    mlp: str
+
+
+def _layer(block, dtype: torch.dtype, attn_dtype: torch.dtype) -> _Layer:
+    a, m = block.attn, block.mlp
+
+    def cat(*mods):
+        w = torch.cat([x.weight for x in mods])
+        b = None if mods[0].bias is None else torch.cat([x.bias for x in mods])
+        return Linear(w, b, dtype)
+
+    qk_norm = None
+    if a.q_norm is not None:
+        qk_norm = torch.stack([a.q_norm.weight, a.k_norm.weight]).detach()[:, None].to(attn_dtype)
+    return _Layer(
+        norm1=_norm(block.norm1, dtype), qkv=cat(a.q, a.k, a.v), qk_norm=qk_norm,
+        qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
+        proj=Linear(a.proj.weight, a.proj.bias, dtype), norm2=_norm(block.norm2, dtype),
+        up=cat(m.gate, m.fc) if m.kind == "swiglu" else Linear(m.fc.weight, m.fc.bias, dtype),
+        down=Linear(m.proj.weight, m.proj.bias, dtype), mlp=m.kind)
+
+
+class FastGPT:
+    """A GPT's inference twin: `decode`, `hidden_states`, `logits` and `new_cache` as on
+    `GPT`, over copies of its weights taken at construction (see `Engine`, which rebuilds it
+    when the model's weights change)."""
+
+    def __init__(self, model: GPT, dtype: torch.dtype | None = None):
+        c = self.config = model.config
+        p = model.lm_head.weight
+        self.device, self.dtype = p.device, dtype or p.dtype
+        # CPU attention over one query: fp32 beats bf16 several times over (see module doc).
+        self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.tok_emb = model.tok_emb.weight.detach().to(self.dtype)
+        self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach().to(
+            self.dtype)
+        self.rope = None
+        rotary = model.blocks[0].attn.rotary
+        if rotary is not None:
+            cos, sin = rotary.table(c.block_size, self.device)
+            self.rope = cos.to(self.attn_dtype), sin.to(self.attn_dtype)
+        self.layers = [_layer(b, self.dtype, self.attn_dtype) for b in model.blocks]
+        self.norm_f = _norm(model.norm_f, self.dtype)
+        self.head = Linear(model.lm_head.weight, None, self.dtype)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  pad: torch.Tensor | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
+                       dtype or self.attn_dtype, self.device, pad)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C) for `idx` continuing what `cache` holds."""
+        c = self.config
+        B, T = idx.shape
+        H, D = c.n_head, c.d_model // c.n_head
+        positions = cache.positions(T, idx.device)  # (T,) or (B, T)
+        mask = cache.mask(T, idx.device)
+        x = F.embedding(idx, self.tok_emb)
+        if self.pos_emb is not None:
+            x = x + F.embedding(positions, self.pos_emb)
+        if self.rope is not None:  # (B or 1, T, 1, 1, D): broadcast over q/k and heads
+            cos, sin = (t[positions].view(-1, T, 1, 1, D) for t in self.rope)
+        for i, L in enumerate(self.layers):
+            qkv = L.qkv(L.norm1(x)).to(self.attn_dtype).view(B, T, 3, H, D)
+            qk, v = qkv[:, :, :2], qkv[:, :, 2]
+            if L.qk_norm is not None:
+                qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_norm
+            if self.rope is not None:
+                q1, q2 = qk.chunk(2, dim=-1)
+                qk = qk * cos + torch.cat((-q2, q1), dim=-1) * sin
+            q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
+            k, v = cache.append(i, k, v.transpose(1, 2))
+            y = _attend(q, k, v, mask)  # (B, H, T, D)
+            y = y.transpose(1, 2).reshape(B, T, c.d_model).to(self.dtype)
+            x = L.proj(y, residual=x)
+            h = L.norm2(x)
+            if L.mlp == "swiglu":
+                gate, up = L.up(h).chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            elif L.mlp == "relu2":
+                h = L.up(h, act="relu").square()
+            else:
+                h = L.up(h, act=L.mlp)
+            x = L.down(h, residual=x)
+        cache.advance(T)
+        return self.norm_f(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) for `idx` continuing what `cache` already holds; fills the cache."""
+        return self.logits(self.hidden_states(idx, cache))

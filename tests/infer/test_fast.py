@@ -1,0 +1,110 @@
+"""FastGPT (the engine's inference twin of GPT) computes the same function as GPT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinylm.infer.fast as fast
+from tinylm.errors import UserError
+from tinylm.infer.engine import Engine, SamplingParams
+from tinylm.infer.fast import FastGPT, native_bf16
+from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
+
+SMALL = dict(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=32, zero_init=False)
+CONFIGS = {
+    "gpt2": gpt2_style(**SMALL),
+    "qwen3-like": GPTConfig(**SMALL, mlp="swiglu", qk_norm=True, logit_softcap=15.0),
+    "relu2-rope": GPTConfig(**SMALL | {"n_head": 4}, mlp="relu2", qk_norm=False),
+    "relu-layernorm-bias": GPTConfig(**SMALL, mlp="relu", norm="layer", bias=True,
+                                     tie_embeddings=True),
+}
+
+
+@pytest.fixture(params=[True, False], ids=["packed", "plain"])
+def pack(request, monkeypatch):
+    monkeypatch.setattr(fast, "PACK", request.param)
+    return request.param
+
+
+def prefill_then_decode(model, ids, pad, nxt):
+    """Logits of a left-padded prefill (real positions only) and of one decode step."""
+    cache = model.new_cache(ids.shape[0], 20, pad=pad)
+    with torch.no_grad():
+        first = model.decode(ids, cache)
+        real = pad[:, None] <= torch.arange(ids.shape[1])
+        return first[real], model.decode(nxt, cache)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fp32_logits_equal_the_models(name, pack):
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[name]).eval()
+    fast_model = FastGPT(model)
+    assert all(layer.qkv.packed == pack for layer in fast_model.layers)
+    ids, nxt = torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (3, 1))
+    pad = torch.tensor([0, 3, 5])
+    want = prefill_then_decode(model, ids, pad, nxt)
+    got = prefill_then_decode(fast_model, ids, pad, nxt)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen3-like"])
+def test_bf16_logits_are_close_to_fp32(name, pack):
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[name]).eval()
+    bf16 = FastGPT(model, torch.bfloat16)
+    assert all(layer.qkv.packed == (pack and native_bf16(torch.device("cpu")))
+               for layer in bf16.layers)
+    ids, nxt = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 1))
+    pad = torch.tensor([0, 2])
+    want = prefill_then_decode(model, ids, pad, nxt)
+    got = prefill_then_decode(bf16, ids, pad, nxt)
+    for w, g in zip(want, got):
+        assert g.dtype == torch.float32
+        assert (g - w).abs().max() < 0.02 * w.abs().max()  # bf16 keeps ~3 significant digits
+
+
+def test_engine_sees_weights_changed_after_it_was_made():
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["gpt2"]).eval()
+    engine = Engine(model)
+    p = SamplingParams(max_new_tokens=8, temperature=0)
+    before = engine.generate([[1, 2, 3]], p)[0].token_ids
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(torch.randn_like(w) * 0.5)  # in place, as an optimizer step is
+    after = engine.generate([[1, 2, 3]], p)[0].token_ids
+    assert after != before
+    assert after == Engine(model).generate([[1, 2, 3]], p)[0].token_ids
+
+
+def test_bf16_engine_mostly_agrees_with_fp32_greedy():
+    """Rounding can flip a near-tie, after which the texts part; the first tokens agree."""
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["qwen3-like"]).eval()
+    p = SamplingParams(max_new_tokens=4, temperature=0)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    a = [c.token_ids for c in Engine(model).generate(prompts, p)]
+    b = [c.token_ids for c in Engine(model, dtype="bf16").generate(prompts, p)]
+    assert sum(x[0] == y[0] for x, y in zip(a, b)) >= 2
+
+
+def test_unknown_dtype_is_a_user_error():
+    model = GPT(CONFIGS["gpt2"])
+    with pytest.raises(UserError, match="unknown dtype 'int3'"):
+        Engine(model, dtype="int3")
+
+
+def test_logit_bias_from_json_and_its_errors():
+    p = SamplingParams.from_dict({"logit_bias": {"7": -100, "3": 2.5}})
+    assert p.logit_bias == {7: -100.0, 3: 2.5}
+    with pytest.raises(UserError, match="logit_bias"):
+        SamplingParams.from_dict({"logit_bias": {"seven": 1}})
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        Engine(GPT(CONFIGS["gpt2"])).generate([[1]], SamplingParams(4, logit_bias={50: 1.0}))
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["gpt2"]).eval()
+    forced = SamplingParams(max_new_tokens=3, temperature=0.8, logit_bias={9: 100.0})
+    assert Engine(model).generate([[1, 2]], forced)[0].token_ids == [9, 9, 9]
