@@ -30,6 +30,7 @@ from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 from tinylm.tokenizer import train_char
 from tinylm.train.checkpoint import save_model
 
+DTYPES = ("fp32", "bf16", "int8")  # engine weight dtypes; columns are tokens/s
 SHAPE = dict(vocab_size=4096, block_size=1024, n_layer=6, n_head=6, d_model=384)
 MODELS = {
     "GPT-2 style": gpt2_style(**SHAPE),
@@ -107,24 +108,31 @@ def agreement(model, prompts: torch.Tensor, ours: list[list[int]], theirs: list[
 
 
 def speed_table(name, model, hf, new: int, naive_new: int, repeats: int) -> list[str]:
+    """One row per batch size: tokens/s of the engine at each weight dtype, of the naive
+    reference, and of transformers in fp32 and bf16, all on the same weights."""
     rows = []
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)  # the same weights, rounded to bf16
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     for B in (1, 8):
         ids = torch.randint(10, model.config.vocab_size, (B, 32))
         params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
         engine = Engine(model)
         out = [c.token_ids for c in engine.generate(ids.tolist(), params)]
         same = agreement(model, ids, out, hf_generate(hf, ids, new)[:, 32:].tolist())
-        t_engine = best_of(repeats, engine.generate, ids.tolist(), params)
-        t_bf16 = best_of(repeats, Engine(bf16).generate, ids.tolist(), params)
+        t = {}
+        for dtype in DTYPES:
+            engine = Engine(model, dtype=dtype)
+            engine.net()  # converting the weights happens once, not per request: not timed
+            t[dtype] = best_of(repeats, engine.generate, ids.tolist(), params)
         t_hf = best_of(repeats, hf_generate, hf, ids, new)
+        t_hf_bf16 = best_of(repeats, hf_generate, hf_bf16, ids, new)
         naive_params = SamplingParams(max_new_tokens=naive_new, temperature=0)
         t_naive = best_of(1, naive_generate, model, ids, naive_params)
         floor = matmul_floor(model, B, repeats)
-        rows.append(f"| {name} | {B} | {B * new / t_engine:,.0f} | {t_engine / new * 1e3:.2f} | "
-                    f"{B * new / t_bf16:,.0f} | {B * naive_new / t_naive:,.0f} | "
-                    f"{B * new / t_hf:,.0f} | "
-                    f"{t_hf / new * 1e3:.2f} | **{t_hf / t_engine:.2f}x** | "
+        tps = [f"{B * new / t[d]:,.0f}" for d in DTYPES]
+        rows.append(f"| {name} | {B} | " + " | ".join(tps) + f" | {B * naive_new / t_naive:,.0f} | "
+                    f"{B * new / t_hf:,.0f} | {B * new / t_hf_bf16:,.0f} | "
+                    f"{t_hf / t['fp32']:.2f}x | {t_hf_bf16 / t['bf16']:.2f}x | "
+                    f"**{t_hf / t['int8']:.2f}x** | {t['int8'] / new * 1e3:.2f} | "
                     f"{floor * 1e3:.2f} | {same} |")
         print(rows[-1], flush=True)
     return rows
@@ -162,11 +170,12 @@ def main() -> None:
     new, naive_new, repeats = (16, 4, 1) if args.quick else (256, 32, 3)
     contexts = [64, 256] if args.quick else [64, 256, 1024]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); prompt 32 tokens, "
-          f"{new} new tokens, greedy, fp32; naive reference timed on its first {naive_new}")
-    head = ["| model | batch | engine tok/s | engine ms/step | engine bf16 tok/s | naive tok/s "
-            "| HF generate tok/s | HF ms/step | engine vs HF | matmul floor ms/step "
-            "| same tokens as HF |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+          f"{new} new tokens, greedy; tokens/s unless marked; naive reference timed on its "
+          f"first {naive_new}")
+    head = ["| model | batch | engine fp32 | engine bf16 | engine int8 | naive fp32 | HF fp32 "
+            "| HF bf16 | fp32 vs HF fp32 | bf16 vs HF bf16 | int8 vs HF fp32 | int8 ms/step "
+            "| fp32 matmul floor ms/step | same tokens as HF |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     print("\n".join(head))
     speed, ctx_rows = list(head), []
     with tempfile.TemporaryDirectory() as tmp:

@@ -78,7 +78,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tinylm.infer.explain import explain_sample
 
     model, tok = tinylm.load(args.run, family="gpt")
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, dtype=args.dtype)
     params = sampling_params(args, len(tok.encode(args.prompt)), model.config.block_size)
     if args.explain:
         completion, table = explain_sample(engine, args.prompt, params, args.explain)
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--num-samples", type=int, default=1)
     add_sampling_args(p)
+    p.add_argument("--dtype", default="auto",
+                   help="weights for generation: auto (int8 on a CPU with native bf16, bf16 on "
+                        "a GPU, else fp32), fp32, bf16 or int8 (default: auto)")
     p.add_argument("--explain", type=int, nargs="?", const=5, default=0, metavar="K",
                    help="show each token's probability and its K runners-up (default 5)")
     p.set_defaults(func=cmd_sample)

@@ -34,7 +34,7 @@ def main() -> int:
         print(f"\n== 2. samples (tinylm sample --run {RUN} --prompt 'Once upon a time')")
         params = [SamplingParams(max_new_tokens=60, temperature=0.8, top_k=50, seed=s)
                   for s in range(3)]
-        for out in Engine(model, tok).generate(["Once upon a time"] * 3, params):
+        for out in Engine(model, tok, dtype="auto").generate(["Once upon a time"] * 3, params):
             print("   Once upon a time" + out.text.replace("\n", " "), "\n")
         print(f"== 3. next word (tinylm next-word --run {RUN} '{SENTENCE}')")
         rows = next_token_table(model, tok, SENTENCE, 10)

@@ -66,6 +66,36 @@ def test_bf16_logits_are_close_to_fp32(name, pack):
         assert (g - w).abs().max() < 0.02 * w.abs().max()  # bf16 keeps ~3 significant digits
 
 
+@pytest.mark.parametrize("name", ["gpt2", "qwen3-like"])
+def test_int8_logits_are_close_to_fp32_on_both_kernels(name):
+    """One decode row runs PyTorch's int8 kernel; a 3x10-token prefill runs the same int8
+    weights widened to bf16. Both stay close to fp32."""
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[name]).eval()
+    int8 = FastGPT(model, torch.int8)
+    assert all(layer.qkv.int8 is not None for layer in int8.layers)  # 32 wide: int8 kernel
+    ids, nxt = torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (3, 1))
+    pad = torch.tensor([0, 3, 5])
+    want = prefill_then_decode(model, ids, pad, nxt)
+    got = prefill_then_decode(int8, ids, pad, nxt)
+    for w, g in zip(want, got):
+        assert (g - w).abs().max() < 0.03 * w.abs().max()
+    one = prefill_then_decode(int8, ids[:1], pad[:1], nxt[:1])[1]  # 1 row: the int8 kernel
+    assert (one - want[1][:1]).abs().max() < 0.03 * want[1].abs().max()
+
+
+def test_int8_keeps_widths_the_kernel_cannot_take_in_bf16():
+    torch.manual_seed(0)
+    model = GPT(gpt2_style(**SMALL | {"d_model": 24})).eval()  # 24 is not a multiple of 16
+    fast_model = FastGPT(model, torch.int8)
+    assert all(layer.qkv.int8 is None for layer in fast_model.layers)
+    got = prefill_then_decode(fast_model, torch.tensor([[1, 2, 3]]), torch.tensor([0]),
+                              torch.tensor([[4]]))[1]
+    want = prefill_then_decode(model, torch.tensor([[1, 2, 3]]), torch.tensor([0]),
+                               torch.tensor([[4]]))[1]
+    assert (got - want).abs().max() < 0.03 * want.abs().max()
+
+
 def test_engine_sees_weights_changed_after_it_was_made():
     torch.manual_seed(0)
     model = GPT(CONFIGS["gpt2"]).eval()

@@ -38,7 +38,8 @@ from tinylm.models.gpt import GPT
 from tinylm.models.layers import KVCache
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "int8": torch.int8}
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -50,16 +51,21 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> torch.dtype:
-    """None = the model's own dtype; 'auto' = bf16 where it runs natively, else fp32."""
+    """None = the model's own dtype. 'auto' = the fastest that measured lossless
+    (docs/inference.md): int8 weights on a CPU with native bf16, bf16 on a GPU, else fp32."""
     device = next(model.parameters()).device
     if dtype is None:
         return next(model.parameters()).dtype
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
+        if not native_bf16(device):
+            return torch.float32
+        return torch.int8 if device.type == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
+        raise UserError(f"unknown dtype {dtype!r}; use auto, fp32, bf16, fp16 or int8")
+    if DTYPES[dtype] == torch.int8 and device.type != "cpu":
+        raise UserError("int8 weights run on the CPU only; use bf16 on a GPU")
     return DTYPES[dtype]
 
 
@@ -83,10 +89,28 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 class Linear:
     """y = x @ weight.T + bias [, activation] [+ residual], with the weight stored the way the
-    matmul library runs it fastest."""
+    matmul library runs it fastest.
+
+    dtype int8 keeps the weight as int8 with one scale per output row (absmax / 127), and the
+    activations in bf16. PyTorch's int8 kernel reads a quarter of fp32's bytes, but does not
+    reuse them across rows: from about 5 rows (a batch, a prompt) the same int8 weights,
+    widened once to bf16, run faster."""
+
+    INT8_MAX_ROWS = 4
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        w = weight.detach().to(dtype).contiguous()
+        self.int8 = None
+        w = weight.detach()
+        # PyTorch's int8 kernel reads wrong bytes (or crashes) unless in_features is a
+        # multiple of 16 (measured on 2.13): other widths keep only the bf16 form.
+        if dtype == torch.int8 and w.shape[1] % 16 == 0:
+            scale = w.float().abs().amax(1).clamp(min=1e-12) / 127  # (N,)
+            q = (w.float() / scale[:, None]).round().to(torch.int8).contiguous()
+            self.int8 = (q, scale.to(torch.bfloat16))
+            w = q.float() * scale[:, None]
+        if dtype == torch.int8:
+            dtype = torch.bfloat16
+        w = w.to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.out_features = w.shape[0]
         self.packed = _can_pack(w)
@@ -94,18 +118,22 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, act: str = "none",
                  residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.packed:
-            y = _ACTIVATIONS[act](F.linear(x, self.weight, self.bias))
-            return y if residual is None else residual + y
         shape = (*x.shape[:-1], self.out_features)
         x = x.reshape(-1, x.shape[-1])
-        if residual is not None:  # act is "none" wherever a residual is added
-            y = torch.ops.mkldnn._linear_pointwise.binary(
-                x, residual.reshape(-1, self.out_features), self.weight, self.bias, "add")
+        if self.int8 is not None and x.shape[0] <= self.INT8_MAX_ROWS:
+            y = torch._weight_int8pack_mm(x, *self.int8)
+            y = _ACTIVATIONS[act](y if self.bias is None else y + self.bias)
+        elif not self.packed:
+            y = _ACTIVATIONS[act](F.linear(x, self.weight, self.bias))
+        elif residual is not None:  # act is "none" wherever a residual is added
+            return torch.ops.mkldnn._linear_pointwise.binary(
+                x, residual.reshape(-1, self.out_features), self.weight, self.bias,
+                "add").view(shape)
         else:
             algorithm = "tanh" if act == "gelu" else ""
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, act, [], algorithm)
-        return y.view(shape)
+        y = y.view(shape)
+        return y if residual is None else residual + y
 
 
 def _norm(m: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -141,13 +169,14 @@ class _Layer:
     mlp: str
 
 
-def _layer(block, dtype: torch.dtype, attn_dtype: torch.dtype) -> _Layer:
+def _layer(block, weight_dtype: torch.dtype, dtype: torch.dtype,
+           attn_dtype: torch.dtype) -> _Layer:
     a, m = block.attn, block.mlp
 
     def cat(*mods):
         w = torch.cat([x.weight for x in mods])
         b = None if mods[0].bias is None else torch.cat([x.bias for x in mods])
-        return Linear(w, b, dtype)
+        return Linear(w, b, weight_dtype)
 
     qk_norm = None
     if a.q_norm is not None:
@@ -155,9 +184,10 @@ def _layer(block, dtype: torch.dtype, attn_dtype: torch.dtype) -> _Layer:
     return _Layer(
         norm1=_norm(block.norm1, dtype), qkv=cat(a.q, a.k, a.v), qk_norm=qk_norm,
         qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
-        proj=Linear(a.proj.weight, a.proj.bias, dtype), norm2=_norm(block.norm2, dtype),
-        up=cat(m.gate, m.fc) if m.kind == "swiglu" else Linear(m.fc.weight, m.fc.bias, dtype),
-        down=Linear(m.proj.weight, m.proj.bias, dtype), mlp=m.kind)
+        proj=Linear(a.proj.weight, a.proj.bias, weight_dtype), norm2=_norm(block.norm2, dtype),
+        up=cat(m.gate, m.fc) if m.kind == "swiglu" else Linear(m.fc.weight, m.fc.bias,
+                                                               weight_dtype),
+        down=Linear(m.proj.weight, m.proj.bias, weight_dtype), mlp=m.kind)
 
 
 class FastGPT:
@@ -168,7 +198,9 @@ class FastGPT:
     def __init__(self, model: GPT, dtype: torch.dtype | None = None):
         c = self.config = model.config
         p = model.lm_head.weight
-        self.device, self.dtype = p.device, dtype or p.dtype
+        self.device, self.weight_dtype = p.device, dtype or p.dtype
+        # The activations' dtype: int8 weights compute with bf16 activations.
+        self.dtype = torch.bfloat16 if self.weight_dtype == torch.int8 else self.weight_dtype
         # CPU attention over one query: fp32 beats bf16 several times over (see module doc).
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.tok_emb = model.tok_emb.weight.detach().to(self.dtype)
@@ -179,9 +211,10 @@ class FastGPT:
         if rotary is not None:
             cos, sin = rotary.table(c.block_size, self.device)
             self.rope = cos.to(self.attn_dtype), sin.to(self.attn_dtype)
-        self.layers = [_layer(b, self.dtype, self.attn_dtype) for b in model.blocks]
+        self.layers = [_layer(b, self.weight_dtype, self.dtype, self.attn_dtype)
+                       for b in model.blocks]
         self.norm_f = _norm(model.norm_f, self.dtype)
-        self.head = Linear(model.lm_head.weight, None, self.dtype)
+        self.head = Linear(model.lm_head.weight, None, self.weight_dtype)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   pad: torch.Tensor | None = None) -> KVCache:

@@ -1,0 +1,75 @@
+"""What the engine's faster weight dtypes cost in quality, on a trained run.
+
+For each dtype the engine offers (fp32, bf16, int8), runs the run's validation split through
+the engine's model (FastGPT, prefill over windows of block_size tokens) and reports the mean
+next-token loss and perplexity beside GPT.forward's, and how often greedy continuations of
+validation prompts agree with fp32's token for token.
+
+    python benchmarks/inference_quality.py runs/demo-tinystories [--tokens 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tomllib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tinylm
+from tinylm.data.text import load_text
+from tinylm.data.tokens import TokenData, encode_cached
+from tinylm.infer.engine import Engine, SamplingParams
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def val_loss(net, data: TokenData, T: int, max_tokens: int, batch: int = 8) -> float:
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for x, y in data.val_batches(batch, T):
+            logits = net.decode(x, net.new_cache(x.shape[0], T))
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+            if count >= max_tokens:
+                break
+    return total / count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="a GPT run dir, e.g. runs/demo-tinystories (make demo)")
+    ap.add_argument("--tokens", type=int, default=65536, help="validation tokens to score")
+    ap.add_argument("--prompts", type=int, default=16, help="greedy continuations compared")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, tok = tinylm.load(args.run, family="gpt")
+    corpus = tomllib.loads((Path(args.run) / "config.toml").read_text())["data"]["corpus"]
+    data = TokenData(encode_cached(load_text(corpus), tok))
+    T = model.config.block_size
+    prompts = [data.val[i * 997 : i * 997 + 32].tolist() for i in range(args.prompts)]
+    params = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
+    greedy = {d: [c.token_ids for c in Engine(model, dtype=d).generate(prompts, params)]
+              for d in DTYPES}
+    print(f"{args.run}: {model.num_params() / 1e6:.1f}M parameters; loss over "
+          f"{args.tokens:,} validation tokens in windows of {T}; greedy: {args.prompts} "
+          f"validation prompts of 32 tokens, 64 new tokens")
+    print("| weights | val loss | perplexity | greedy tokens equal to fp32's | first token equal |")
+    print("|---|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        ref = val_loss(model, data, T, args.tokens)
+    print(f"| GPT.forward fp32 | {ref:.4f} | {math.exp(ref):.2f} | | |")
+    for d in DTYPES:
+        loss = val_loss(Engine(model, dtype=d).net(), data, T, args.tokens)
+        pairs = list(zip(greedy["fp32"], greedy[d]))
+        same = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                   for x, y in pairs) / sum(len(x) for x, _ in pairs)
+        first = sum(x[0] == y[0] for x, y in pairs) / len(pairs)
+        print(f"| engine {d} | {loss:.4f} | {math.exp(loss):.2f} | {same:.0%} of the "
+              f"tokens before the first difference | {first:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
