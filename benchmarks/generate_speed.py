@@ -142,16 +142,17 @@ def context_table(model, hf, contexts: list[int], repeats: int) -> list[str]:
     """Decode ms/token for the 32 steps that end at each context length (prefill excluded:
     the time of generating 1 token is subtracted from that of 33)."""
     rows = []
-    engine = Engine(model)
+    engines = [Engine(model, dtype=d) for d in ("fp32", "int8")]
     for ctx in contexts:
         ids = torch.randint(10, model.config.vocab_size, (1, ctx - 33))
         prompts = ids.tolist()
         long, short = (SamplingParams(n, 0, ignore_eos=True) for n in (33, 1))
-        t_engine = (best_of(repeats, engine.generate, prompts, long)
-                    - best_of(repeats, engine.generate, prompts, short))
+        t = [best_of(repeats, e.generate, prompts, long) - best_of(repeats, e.generate, prompts,
+                                                                   short) for e in engines]
         t_hf = (best_of(repeats, hf_generate, hf, ids, 33)
                 - best_of(repeats, hf_generate, hf, ids, 1))
-        rows.append(f"| {ctx} | {t_engine / 32 * 1e3:.2f} | {t_hf / 32 * 1e3:.2f} |")
+        rows.append(f"| {ctx} | {t[0] / 32 * 1e3:.2f} | {t[1] / 32 * 1e3:.2f} | "
+                    f"{t_hf / 32 * 1e3:.2f} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -185,7 +186,8 @@ def main() -> None:
             speed += speed_table(name, model, hf, new, naive_new, repeats)
             if i == 0:
                 ctx_model, ctx_hf = model, hf
-        head = ["", "| context | engine ms/token | HF ms/token |", "|---:|---:|---:|"]
+        head = ["", "| context | engine fp32 ms/token | engine int8 ms/token | HF fp32 ms/token |",
+                "|---:|---:|---:|---:|"]
         print("\n".join(head))
         ctx_rows = head + context_table(ctx_model, ctx_hf, contexts, repeats)
     if args.json:

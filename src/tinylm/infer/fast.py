@@ -81,7 +81,6 @@ def _can_pack(w: torch.Tensor) -> bool:
 
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "none": lambda y: y,
     "relu": F.relu,
     "gelu": lambda y: F.gelu(y, approximate="tanh"),
 }
@@ -118,22 +117,22 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, act: str = "none",
                  residual: torch.Tensor | None = None) -> torch.Tensor:
-        shape = (*x.shape[:-1], self.out_features)
-        x = x.reshape(-1, x.shape[-1])
+        """x: (rows, in_features). `act` and `residual` are never both given."""
         if self.int8 is not None and x.shape[0] <= self.INT8_MAX_ROWS:
             y = torch._weight_int8pack_mm(x, *self.int8)
-            y = _ACTIVATIONS[act](y if self.bias is None else y + self.bias)
+            if self.bias is not None:
+                y += self.bias
         elif not self.packed:
-            y = _ACTIVATIONS[act](F.linear(x, self.weight, self.bias))
-        elif residual is not None:  # act is "none" wherever a residual is added
-            return torch.ops.mkldnn._linear_pointwise.binary(
-                x, residual.reshape(-1, self.out_features), self.weight, self.bias,
-                "add").view(shape)
+            y = F.linear(x, self.weight, self.bias)
+        elif residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight,
+                                                             self.bias, "add")
         else:
-            algorithm = "tanh" if act == "gelu" else ""
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, act, [], algorithm)
-        y = y.view(shape)
-        return y if residual is None else residual + y
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, act, [],
+                                                      "tanh" if act == "gelu" else "")
+        if act != "none":
+            y = _ACTIVATIONS[act](y)
+        return y if residual is None else y.add_(residual)
 
 
 def _norm(m: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -142,18 +141,6 @@ def _norm(m: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Te
         b = None if m.bias is None else m.bias.detach().to(dtype)
         return lambda x: F.layer_norm(x, m.normalized_shape, w, b, m.eps)
     return lambda x: F.rms_norm(x, m.normalized_shape, w, m.eps)
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of q (B, H, T, D) over k, v (B, H, S, D). For one query per row (decoding),
-    three plain ops beat PyTorch's fused CPU kernel, which is built for long queries."""
-    if q.shape[2] > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, 1, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1) @ v
 
 
 @dataclass
@@ -209,8 +196,12 @@ class FastGPT:
         self.rope = None
         rotary = model.blocks[0].attn.rotary
         if rotary is not None:
+            # x rotated = x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1] is
+            # x rolled by half a head with the first half's sign flipped: folded into sin.
             cos, sin = rotary.table(c.block_size, self.device)
-            self.rope = cos.to(self.attn_dtype), sin.to(self.attn_dtype)
+            half = sin.shape[-1] // 2
+            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            self.rope = cos.to(self.attn_dtype), signed_sin.to(self.attn_dtype)
         self.layers = [_layer(b, self.weight_dtype, self.dtype, self.attn_dtype)
                        for b in model.blocks]
         self.norm_f = _norm(model.norm_f, self.dtype)
@@ -223,15 +214,16 @@ class FastGPT:
                        dtype or self.attn_dtype, self.device, pad)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Final-norm hidden states (B, T, C) for `idx` continuing what `cache` holds."""
+        """Final-norm hidden states (B, T, C) for `idx` continuing what `cache` holds. The
+        residual stream is kept as (B*T, C) rows, the shape the matmuls take."""
         c = self.config
         B, T = idx.shape
         H, D = c.n_head, c.d_model // c.n_head
         positions = cache.positions(T, idx.device)  # (T,) or (B, T)
         mask = cache.mask(T, idx.device)
-        x = F.embedding(idx, self.tok_emb)
+        x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B*T, C)
         if self.pos_emb is not None:
-            x = x + F.embedding(positions, self.pos_emb)
+            x = x + F.embedding(positions.expand(B, T).reshape(-1), self.pos_emb)
         if self.rope is not None:  # (B or 1, T, 1, 1, D): broadcast over q/k and heads
             cos, sin = (t[positions].view(-1, T, 1, 1, D) for t in self.rope)
         for i, L in enumerate(self.layers):
@@ -240,12 +232,11 @@ class FastGPT:
             if L.qk_norm is not None:
                 qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_norm
             if self.rope is not None:
-                q1, q2 = qk.chunk(2, dim=-1)
-                qk = qk * cos + torch.cat((-q2, q1), dim=-1) * sin
+                qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
             q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
             k, v = cache.append(i, k, v.transpose(1, 2))
-            y = _attend(q, k, v, mask)  # (B, H, T, D)
-            y = y.transpose(1, 2).reshape(B, T, c.d_model).to(self.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+            y = y.transpose(1, 2).reshape(B * T, c.d_model).to(self.dtype)
             x = L.proj(y, residual=x)
             h = L.norm2(x)
             if L.mlp == "swiglu":
@@ -257,10 +248,10 @@ class FastGPT:
                 h = L.up(h, act=L.mlp)
             x = L.down(h, residual=x)
         cache.advance(T)
-        return self.norm_f(x)
+        return self.norm_f(x).view(B, T, c.d_model)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.head(h).float()
+        logits = self.head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1).float()
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 

@@ -104,16 +104,25 @@ class KVCache:
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._per_layer()
         self.max_len = max_len
         self.pos = 0
         self.pad = pad
 
+    def _per_layer(self) -> None:
+        # Per-layer views, made once: indexing a 5-D tensor at every call costs more than the
+        # copy itself when decoding one token.
+        self.k_layers = [self.k[i] for i in range(len(self.k))]
+        self.v_layers = [self.v[i] for i in range(len(self.v))]
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[2]
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Write k, v (B, H, T, D) at the next T positions; the layer's keys and values so
+        far (B, H, pos + T, D)."""
+        T, end = k.shape[2], self.pos + k.shape[2]
+        ks, vs = self.k_layers[layer], self.v_layers[layer]
+        ks.narrow(2, self.pos, T).copy_(k)
+        vs.narrow(2, self.pos, T).copy_(v)
+        return ks.narrow(2, 0, end), vs.narrow(2, 0, end)
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
         pos = torch.arange(self.pos, self.pos + T, device=device)
@@ -138,6 +147,7 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only some batch rows (beam search, or finished requests dropped)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self._per_layer()
         if self.pad is not None:
             self.pad = self.pad[rows]
 
