@@ -11,7 +11,7 @@ from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import FastGPT, native_bf16
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 
-SMALL = dict(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=32, zero_init=False)
+SMALL = dict(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=128, zero_init=False)
 CONFIGS = {
     "gpt2": gpt2_style(**SMALL),
     "qwen3-like": GPTConfig(**SMALL, mlp="swiglu", qk_norm=True, logit_softcap=15.0),
@@ -73,7 +73,7 @@ def test_int8_logits_are_close_to_fp32_on_both_kernels(name):
     torch.manual_seed(0)
     model = GPT(CONFIGS[name]).eval()
     int8 = FastGPT(model, torch.int8)
-    assert all(layer.qkv.int8 is not None for layer in int8.layers)  # 32 wide: int8 kernel
+    assert all(layer.qkv.int8 is not None for layer in int8.layers)  # 128 wide: int8 kernel
     ids, nxt = torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (3, 1))
     pad = torch.tensor([0, 3, 5])
     want = prefill_then_decode(model, ids, pad, nxt)
@@ -86,7 +86,7 @@ def test_int8_logits_are_close_to_fp32_on_both_kernels(name):
 
 def test_int8_keeps_widths_the_kernel_cannot_take_in_bf16():
     torch.manual_seed(0)
-    model = GPT(gpt2_style(**SMALL | {"d_model": 24})).eval()  # 24 is not a multiple of 16
+    model = GPT(gpt2_style(**SMALL | {"d_model": 24})).eval()  # 24: not a multiple of 16
     fast_model = FastGPT(model, torch.int8)
     assert all(layer.qkv.int8 is None for layer in fast_model.layers)
     got = prefill_then_decode(fast_model, torch.tensor([[1, 2, 3]]), torch.tensor([0]),
