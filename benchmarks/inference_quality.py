@@ -5,13 +5,18 @@ the engine's model (FastGPT, prefill over windows of block_size tokens) and repo
 next-token loss and perplexity beside GPT.forward's, and how often greedy continuations of
 validation prompts agree with fp32's token for token.
 
-    python benchmarks/inference_quality.py runs/demo-tinystories [--tokens 65536]
+    python benchmarks/inference_quality.py [RUN] [--tokens 65536] [--quick]
+
+Without RUN it uses runs/demo-tinystories (`make demo`), or first trains the default preset
+for one minute into runs/bench-quality.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -38,12 +43,27 @@ def val_loss(net, data: TokenData, T: int, max_tokens: int, batch: int = 8) -> f
     return total / count
 
 
+def default_run() -> str:
+    if Path("runs/demo-tinystories/model.safetensors").is_file():
+        return "runs/demo-tinystories"
+    out = "runs/bench-quality"
+    if not Path(out, "model.safetensors").is_file():
+        print(f"no trained run yet: training the default preset for 60 s into {out}")
+        subprocess.run([sys.executable, "-m", "tinylm", "pretrain", "--out", out,
+                        "--set", "train.time_budget=60"], check=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", help="a GPT run dir, e.g. runs/demo-tinystories (make demo)")
+    ap.add_argument("run", nargs="?", help="a GPT run dir (default: see above)")
     ap.add_argument("--tokens", type=int, default=65536, help="validation tokens to score")
     ap.add_argument("--prompts", type=int, default=16, help="greedy continuations compared")
+    ap.add_argument("--quick", action="store_true", help="few tokens and prompts: a smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.prompts = 4096, 4
+    args.run = args.run or default_run()
     torch.set_num_threads(1)
     model, tok = tinylm.load(args.run, family="gpt")
     corpus = tomllib.loads((Path(args.run) / "config.toml").read_text())["data"]["corpus"]

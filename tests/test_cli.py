@@ -19,6 +19,10 @@ def test_pretrain_sample_next_word(run_dir, tmp_path, capsys):
     assert main(["sample", "--run", str(run_dir), "--prompt", "The", "--max-new-tokens", "5",
                  "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("The")
+    for dtype in ("fp32", "int8"):  # the exact weights and the fastest kind both run
+        assert main(["sample", "--run", str(run_dir), "--prompt", "The", "--max-new-tokens",
+                     "3", "--temperature", "0", "--dtype", dtype]) == 0
+        assert capsys.readouterr().out.startswith("The")
     png = tmp_path / "next.png"
     assert main(["next-word", "--run", str(run_dir), "The sun is", "--png", str(png)]) == 0
     out = capsys.readouterr().out
@@ -82,3 +86,5 @@ def test_bad_sampling_values(run_dir, capsys):
     assert "temperature" in error_of(["sample", "--run", str(run_dir), "--temperature", "-1"],
                                      capsys)
     assert "top_p" in error_of(["sample", "--run", str(run_dir), "--top-p", "0"], capsys)
+    assert "unknown dtype 'fp8'" in error_of(["sample", "--run", str(run_dir), "--dtype", "fp8"],
+                                             capsys)
