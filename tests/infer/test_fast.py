@@ -51,12 +51,13 @@ def test_fp32_logits_equal_the_models(name, pack):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen3-like"])
-def test_bf16_logits_are_close_to_fp32(name, pack):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_are_close_to_fp32(name, dtype, pack):
     torch.manual_seed(0)
     model = GPT(CONFIGS[name]).eval()
-    bf16 = FastGPT(model, torch.bfloat16)
-    assert all(layer.qkv.packed == (pack and native_bf16(torch.device("cpu")))
-               for layer in bf16.layers)
+    bf16 = FastGPT(model, dtype)
+    packable = dtype == torch.bfloat16 and native_bf16(torch.device("cpu"))
+    assert all(layer.qkv.packed == (pack and packable) for layer in bf16.layers)
     ids, nxt = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 1))
     pad = torch.tensor([0, 2])
     want = prefill_then_decode(model, ids, pad, nxt)

@@ -363,7 +363,9 @@ class Engine:
                  dtype: str | torch.dtype | None = None):
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
         self.block_size = model.config.block_size
-        self.dtype = resolve_dtype(dtype, model)  # None: the model's; "auto": bf16 if native
+        # Weights for generation: None = the model's own (exact); "auto" = the fastest measured
+        # lossless here; or fp32, bf16, fp16, int8 (infer/fast.py).
+        self.dtype = resolve_dtype(dtype, model)
         self._fast: FastGPT | None = None
         self._fast_key: tuple | None = None
 
