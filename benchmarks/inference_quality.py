@@ -7,8 +7,8 @@ validation prompts agree with fp32's token for token.
 
     python benchmarks/inference_quality.py [RUN] [--tokens 65536] [--quick]
 
-Without RUN it uses runs/demo-tinystories (`make demo`), or first trains the default preset
-for one minute into runs/bench-quality.
+Without RUN it uses runs/demo-tinystories (`make demo`), or first trains the tinystories-bpe
+preset for one minute into runs/bench-quality.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def default_run() -> str:
         return "runs/demo-tinystories"
     out = "runs/bench-quality"
     if not Path(out, "model.safetensors").is_file():
-        print(f"no trained run yet: training the default preset for 60 s into {out}")
-        subprocess.run([sys.executable, "-m", "tinylm", "pretrain", "--out", out,
-                        "--set", "train.time_budget=60"], check=True)
+        print(f"no trained run yet: training tinystories-bpe for 60 s into {out}")
+        subprocess.run([sys.executable, "-m", "tinylm", "pretrain", "--config", "tinystories-bpe",
+                        "--out", out, "--set", "train.time_budget=60"], check=True)
     return out
 
 
