@@ -24,6 +24,31 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only adds waiting. A
+    test that changes the thread count (train.threads) gets it put back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def error_of():
+    """error_of(argv, capsys): run the CLI, expect exit 2 and a one-line error, return it."""
+    from tinylm.cli import main
+
+    def run(args: list[str], capsys) -> str:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tinylm: error:") and "Traceback" not in err
+        assert err.count("\n") == 1
+        return err
+
+    return run
+
+
 @pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"

@@ -29,29 +29,21 @@ def test_pretrain_sample_next_word(run_dir, tmp_path, capsys):
     assert "probability" in out and png.stat().st_size > 0
 
 
-def error_of(args: list[str], capsys) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tinylm: error:") and "Traceback" not in err
-    assert err.count("\n") == 1
-    return err
-
-
-def test_unknown_key(capsys):
+def test_unknown_key(capsys, error_of):
     assert "valid keys" in error_of(["pretrain", "--set", "model.widht=3"], capsys)
 
 
-def test_wrong_type(capsys):
+def test_wrong_type(capsys, error_of):
     assert "must be int" in error_of(["pretrain", "--set", "train.steps=1.5"], capsys)
 
 
-def test_missing_corpus(tmp_path, capsys):
+def test_missing_corpus(tmp_path, capsys, error_of):
     err = error_of(["pretrain", "--out", str(tmp_path / "r"), "--set",
                     f"data.corpus='{tmp_path / 'nope.txt'}'"], capsys)
     assert "not found" in err
 
 
-def test_empty_and_binary_corpus(tmp_path, capsys):
+def test_empty_and_binary_corpus(tmp_path, capsys, error_of):
     for content, words in ((b"", "empty"), (b"\x80\x81abc", "not UTF-8")):
         path = tmp_path / "c.txt"
         path.write_bytes(content)
@@ -59,7 +51,8 @@ def test_empty_and_binary_corpus(tmp_path, capsys):
         assert words in error_of(args, capsys)
 
 
-def test_block_size_over_the_model_maximum(tmp_path, tiny_corpus, tiny_overrides, capsys):
+def test_block_size_over_the_model_maximum(tmp_path, tiny_corpus, tiny_overrides, capsys,
+                                           error_of):
     """A learned-position model cannot be fine-tuned past its position table."""
     gpt2 = tmp_path / "gpt2"
     sets = [f"--set={o}" for o in tiny_overrides] + ["--set=model.pos='learned'"]
@@ -69,20 +62,20 @@ def test_block_size_over_the_model_maximum(tmp_path, tiny_corpus, tiny_overrides
     assert "learned positions" in error_of(args, capsys)
 
 
-def test_missing_and_truncated_checkpoint(run_dir, tmp_path, capsys):
+def test_missing_and_truncated_checkpoint(run_dir, tmp_path, capsys, error_of):
     assert "does not exist" in error_of(["sample", "--run", str(tmp_path / "nope")], capsys)
     weights = run_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert "truncated" in error_of(["sample", "--run", str(run_dir)], capsys)
 
 
-def test_wrong_family(run_dir, capsys):
+def test_wrong_family(run_dir, capsys, error_of):
     meta = run_dir / "model.json"
     meta.write_text(meta.read_text().replace('"gpt"', '"nonsense"'))
     assert "unknown model family" in error_of(["next-word", "--run", str(run_dir), "x"], capsys)
 
 
-def test_bad_sampling_values(run_dir, capsys):
+def test_bad_sampling_values(run_dir, capsys, error_of):
     assert "temperature" in error_of(["sample", "--run", str(run_dir), "--temperature", "-1"],
                                      capsys)
     assert "top_p" in error_of(["sample", "--run", str(run_dir), "--top-p", "0"], capsys)

@@ -2,20 +2,11 @@
 
 import json
 
-import pytest
 import torch
 
 from tinylm.cli import main
 from tinylm.experiments.bottleneck import BottleneckConfig, CopyTask, buckets
 from tinylm.tokenizer import train_char
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_copy_and_reverse_targets_frame_the_source():

@@ -121,8 +121,7 @@ def hf_state_dict(model: GPT, arch: str) -> dict[str, torch.Tensor]:
             out[h + "attn.c_attn.weight"] = torch.cat([sd[n + ".weight"] for n in qkv]).T
             out[h + "attn.c_attn.bias"] = torch.cat([get(n + ".bias", n + ".weight")
                                                      for n in qkv])
-            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                                 ("mlp.proj", "mlp.c_proj")):
+            for ours, theirs in GPT2_LINEAR_NAMES:
                 out[h + theirs + ".weight"] = sd[b + ours + ".weight"].T
                 out[h + theirs + ".bias"] = get(b + ours + ".bias", b + ours + ".weight")
         out["transformer.ln_f.weight"] = sd["norm_f.weight"]
@@ -141,6 +140,9 @@ def hf_state_dict(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
+# GPT-2's Conv1D linears (weights stored transposed); q, k and v are fused there as c_attn.
+GPT2_LINEAR_NAMES = [("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                     ("mlp.proj", "mlp.c_proj")]
 LLAMA_NAMES = [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"),
                ("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
                ("attn.v", "self_attn.v_proj"), ("attn.proj", "self_attn.o_proj"),
@@ -311,8 +313,7 @@ def tinylm_state_dict(hf: dict[str, torch.Tensor], c: GPTConfig, kind: str, n_kv
             for j, x in enumerate("qkv"):
                 sd[b + f"attn.{x}.weight"] = w[j * d : (j + 1) * d]
                 sd[b + f"attn.{x}.bias"] = bias[j * d : (j + 1) * d]
-            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                                 ("mlp.proj", "mlp.c_proj")):
+            for ours, theirs in GPT2_LINEAR_NAMES:
                 sd[b + ours + ".weight"] = hf[h + theirs + ".weight"].T
                 sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
         sd["norm_f.weight"] = hf["transformer.ln_f.weight"]

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from tinylm.cli import main
 from tinylm.infer.beam import translate
@@ -16,15 +15,6 @@ from tinylm.train import checkpoint
 PAIRS = [("I am cold.", "J'ai froid."), ("Go.", "Va !"), ("Hi.", "Salut."),
          ("I won.", "J'ai gagné."), ("Thanks.", "Merci."), ("Run!", "Cours !"),
          ("Stop!", "Arrête !"), ("Wait!", "Attends !")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -81,15 +71,7 @@ def test_separate_vocabularies_write_a_target_tokenizer(tsv, tmp_path, capsys):
     assert main(["translate", "--run", str(run), "--beam", "1", "Hi."]) == 0
 
 
-def error_of(args: list[str], capsys) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tinylm: error:") and "Traceback" not in err
-    assert err.count("\n") == 1
-    return err
-
-
-def test_malformed_tsv_names_the_line_or_is_skipped(tsv, tmp_path, capsys):
+def test_malformed_tsv_names_the_line_or_is_skipped(tsv, tmp_path, capsys, error_of):
     bad = tmp_path / "bad.tsv"
     bad.write_text(tsv.read_text() + "no tab on this line\n")
     sets = [f"--set={s}" for s in tiny_sets(bad, 2)]
@@ -100,7 +82,7 @@ def test_malformed_tsv_names_the_line_or_is_skipped(tsv, tmp_path, capsys):
     assert "skipped 1 malformed lines" in capsys.readouterr().out
 
 
-def test_translate_refuses_a_gpt_run_and_an_empty_source(tsv, tmp_path, capsys):
+def test_translate_refuses_a_gpt_run_and_an_empty_source(tsv, tmp_path, capsys, error_of):
     gpt_run = tmp_path / "gpt"
     tok = train_char("abc")
     checkpoint.save_model(gpt_run, GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1,
