@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -25,12 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from tinylm.hf import export_hf
+from tinylm.infer import kernels
 from tinylm.infer.engine import Engine, SamplingParams, naive_generate
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 from tinylm.tokenizer import train_char
 from tinylm.train.checkpoint import save_model
 
-DTYPES = ("fp32", "bf16", "int8")  # engine weight dtypes; columns are tokens/s
+# Engine columns (tokens/s): weight dtype, and whether the C decode-attention kernel (bf16 KV
+# cache) may run. "int8 no kernel" is int8 with an fp32 cache and PyTorch's attention.
+ENGINES = {"fp32": ("fp32", True), "bf16": ("bf16", True), "int8": ("int8", True),
+           "int8 no kernel": ("int8", False)}
 SHAPE = dict(vocab_size=4096, block_size=1024, n_layer=6, n_head=6, d_model=384)
 MODELS = {
     "GPT-2 style": gpt2_style(**SHAPE),
@@ -70,6 +75,16 @@ def load_hf(cfg: GPTConfig, tmp: Path):
                                                            dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # run the full length, as ignore_eos does
     return model, hf
+
+
+def engine(model: GPT, name: str) -> Engine:
+    """An engine with its inference twin built (once, not per request: not timed)."""
+    dtype, kernel = ENGINES[name]
+    e = Engine(model, dtype=dtype)
+    os.environ["TINYLM_KERNELS"] = "1" if kernel else "0"
+    e.net()
+    del os.environ["TINYLM_KERNELS"]
+    return e
 
 
 def hf_generate(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -115,20 +130,17 @@ def speed_table(name, model, hf, new: int, naive_new: int, repeats: int) -> list
     for B in (1, 8):
         ids = torch.randint(10, model.config.vocab_size, (B, 32))
         params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
-        engine = Engine(model)
-        out = [c.token_ids for c in engine.generate(ids.tolist(), params)]
+        reference = Engine(model)
+        out = [c.token_ids for c in reference.generate(ids.tolist(), params)]
         same = agreement(model, ids, out, hf_generate(hf, ids, new)[:, 32:].tolist())
-        t = {}
-        for dtype in DTYPES:
-            engine = Engine(model, dtype=dtype)
-            engine.net()  # converting the weights happens once, not per request: not timed
-            t[dtype] = best_of(repeats, engine.generate, ids.tolist(), params)
+        t = {name: best_of(repeats, engine(model, name).generate, ids.tolist(), params)
+             for name in ENGINES}
         t_hf = best_of(repeats, hf_generate, hf, ids, new)
         t_hf_bf16 = best_of(repeats, hf_generate, hf_bf16, ids, new)
         naive_params = SamplingParams(max_new_tokens=naive_new, temperature=0)
         t_naive = best_of(1, naive_generate, model, ids, naive_params)
         floor = matmul_floor(model, B, repeats)
-        tps = [f"{B * new / t[d]:,.0f}" for d in DTYPES]
+        tps = [f"{B * new / t[d]:,.0f}" for d in ENGINES]
         rows.append(f"| {name} | {B} | " + " | ".join(tps) + f" | {B * naive_new / t_naive:,.0f} | "
                     f"{B * new / t_hf:,.0f} | {B * new / t_hf_bf16:,.0f} | "
                     f"{t_hf / t['fp32']:.2f}x | {t_hf_bf16 / t['bf16']:.2f}x | "
@@ -142,7 +154,7 @@ def context_table(model, hf, contexts: list[int], repeats: int) -> list[str]:
     """Decode ms/token for the 32 steps that end at each context length (prefill excluded:
     the time of generating 1 token is subtracted from that of 33)."""
     rows = []
-    engines = [Engine(model, dtype=d) for d in ("fp32", "int8")]
+    engines = [engine(model, name) for name in ("fp32", "int8", "int8 no kernel")]
     for ctx in contexts:
         ids = torch.randint(10, model.config.vocab_size, (1, ctx - 33))
         prompts = ids.tolist()
@@ -151,8 +163,7 @@ def context_table(model, hf, contexts: list[int], repeats: int) -> list[str]:
                                                                    short) for e in engines]
         t_hf = (best_of(repeats, hf_generate, hf, ids, 33)
                 - best_of(repeats, hf_generate, hf, ids, 1))
-        rows.append(f"| {ctx} | {t[0] / 32 * 1e3:.2f} | {t[1] / 32 * 1e3:.2f} | "
-                    f"{t_hf / 32 * 1e3:.2f} |")
+        rows.append(f"| {ctx} | " + " | ".join(f"{x / 32 * 1e3:.2f}" for x in [*t, t_hf]) + " |")
         print(rows[-1], flush=True)
     return rows
 
@@ -170,13 +181,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     new, naive_new, repeats = (16, 4, 1) if args.quick else (256, 32, 3)
     contexts = [64, 256] if args.quick else [64, 256, 1024]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); prompt 32 tokens, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); C decode-attention "
+          f"kernel {'built' if kernels.available() else 'NOT available'}; prompt 32 tokens, "
           f"{new} new tokens, greedy; tokens/s unless marked; naive reference timed on its "
           f"first {naive_new}")
-    head = ["| model | batch | engine fp32 | engine bf16 | engine int8 | naive fp32 | HF fp32 "
+    head = ["| model | batch | engine fp32 | engine bf16 | engine int8 | engine int8 no kernel "
+            "| naive fp32 | HF fp32 "
             "| HF bf16 | fp32 vs HF fp32 | bf16 vs HF bf16 | int8 vs HF fp32 | int8 ms/step "
             "| fp32 matmul floor ms/step | same tokens as HF |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     print("\n".join(head))
     speed, ctx_rows = list(head), []
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,8 +199,8 @@ def main() -> None:
             speed += speed_table(name, model, hf, new, naive_new, repeats)
             if i == 0:
                 ctx_model, ctx_hf = model, hf
-        head = ["", "| context | engine fp32 ms/token | engine int8 ms/token | HF fp32 ms/token |",
-                "|---:|---:|---:|---:|"]
+        head = ["", "| context | engine fp32 ms/token | engine int8 ms/token | engine int8 no "
+                "kernel ms/token | HF fp32 ms/token |", "|---:|---:|---:|---:|---:|"]
         print("\n".join(head))
         ctx_rows = head + context_table(ctx_model, ctx_hf, contexts, repeats)
     if args.json:

@@ -1,11 +1,14 @@
 """What the engine's faster weight dtypes cost in quality, on a trained run.
 
 For each dtype the engine offers (fp32, bf16, int8), runs the run's validation split through
-the engine's model (FastGPT, prefill over windows of block_size tokens) and reports the mean
-next-token loss and perplexity beside GPT.forward's, and how often greedy continuations of
-validation prompts agree with fp32's token for token.
+the engine's model (FastGPT) and reports the mean next-token loss beside GPT.forward's: once
+as a prefill over windows of block_size tokens, and once decoded one token at a time over
+windows of 256 (the path generation takes, with its KV cache: bf16 for bf16 and int8 weights
+on a CPU where the C kernel builds). Also how often greedy continuations of validation prompts
+agree with fp32's token for token.
 
-    python benchmarks/inference_quality.py [RUN] [--tokens 65536] [--quick]
+    python benchmarks/inference_quality.py [RUN] [--tokens 65536] [--decode-tokens 16384]
+                                           [--quick]
 
 Without RUN it uses runs/demo-tinystories (`make demo`), or first trains the tinystories-bpe
 preset for one minute into runs/bench-quality.
@@ -43,6 +46,20 @@ def val_loss(net, data: TokenData, T: int, max_tokens: int, batch: int = 8) -> f
     return total / count
 
 
+def decode_loss(net, data: TokenData, T: int, max_tokens: int, batch: int = 8) -> float:
+    """The same loss, with every position's logits from a one-token decode step."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for x, y in data.val_batches(batch, T):
+            cache = net.new_cache(x.shape[0], T)
+            logits = torch.cat([net.decode(x[:, t : t + 1], cache) for t in range(T)], dim=1)
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+            if count >= max_tokens:
+                break
+    return total / count
+
+
 def default_run() -> str:
     if Path("runs/demo-tinystories/model.safetensors").is_file():
         return "runs/demo-tinystories"
@@ -58,11 +75,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?", help="a GPT run dir (default: see above)")
     ap.add_argument("--tokens", type=int, default=65536, help="validation tokens to score")
+    ap.add_argument("--decode-tokens", type=int, default=16384,
+                    help="validation tokens to score one decode step at a time")
     ap.add_argument("--prompts", type=int, default=16, help="greedy continuations compared")
     ap.add_argument("--quick", action="store_true", help="few tokens and prompts: a smoke run")
     args = ap.parse_args()
     if args.quick:
-        args.tokens, args.prompts = 4096, 4
+        args.tokens, args.decode_tokens, args.prompts = 4096, 1024, 4
     args.run = args.run or default_run()
     torch.set_num_threads(1)
     model, tok = tinylm.load(args.run, family="gpt")
@@ -73,21 +92,27 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
     greedy = {d: [c.token_ids for c in Engine(model, dtype=d).generate(prompts, params)]
               for d in DTYPES}
+    T_dec = min(T, 256)
     print(f"{args.run}: {model.num_params() / 1e6:.1f}M parameters; loss over "
-          f"{args.tokens:,} validation tokens in windows of {T}; greedy: {args.prompts} "
-          f"validation prompts of 32 tokens, 64 new tokens")
-    print("| weights | val loss | perplexity | greedy tokens equal to fp32's | first token equal |")
-    print("|---|---:|---:|---:|---:|")
+          f"{args.tokens:,} validation tokens in windows of {T}, and over {args.decode_tokens:,} "
+          f"decoded one at a time in windows of {T_dec}; greedy: {args.prompts} validation "
+          f"prompts of 32 tokens, 64 new tokens")
+    print("| weights | val loss | perplexity | decode loss | greedy tokens equal to fp32's "
+          "| first token equal |")
+    print("|---|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         ref = val_loss(model, data, T, args.tokens)
-    print(f"| GPT.forward fp32 | {ref:.4f} | {math.exp(ref):.2f} | | |")
+    ref_dec = decode_loss(model, data, T_dec, args.decode_tokens)
+    print(f"| GPT.forward fp32 | {ref:.4f} | {math.exp(ref):.2f} | {ref_dec:.4f} | | |")
     for d in DTYPES:
-        loss = val_loss(Engine(model, dtype=d).net(), data, T, args.tokens)
+        net = Engine(model, dtype=d).net()
+        loss = val_loss(net, data, T, args.tokens)
+        dec = decode_loss(net, data, T_dec, args.decode_tokens)
         pairs = list(zip(greedy["fp32"], greedy[d]))
         same = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                    for x, y in pairs) / sum(len(x) for x, _ in pairs)
         first = sum(x[0] == y[0] for x, y in pairs) / len(pairs)
-        print(f"| engine {d} | {loss:.4f} | {math.exp(loss):.2f} | {same:.0%} of the "
+        print(f"| engine {d} | {loss:.4f} | {math.exp(loss):.2f} | {dec:.4f} | {same:.0%} of the "
               f"tokens before the first difference | {first:.0%} |", flush=True)
 
 

@@ -16,8 +16,11 @@ with less of both:
   activation and both residual adds run inside the matmuls (oneDNN post-ops); positions, rotary
   cos/sin and the attention mask are computed once per step, not per layer; q and k are normed
   and rotated together;
-- on a CPU, keys, values and attention stay in fp32: bf16 attention over one query is several
-  times slower there than fp32.
+- on a CPU with bf16 or int8 weights, the KV cache is bf16 (half the bytes of fp32, which at
+  batch 8 are as many as the weights'), and a decode step's attention runs a small C loop that
+  reads bf16 and computes in fp32 (kernels.py): PyTorch's own attention is several times slower
+  on bf16 than on fp32 there. Without a C compiler the cache stays fp32, with PyTorch's
+  attention.
 
 In fp32 its logits equal `GPT.forward`'s up to float rounding (tests hold them to 1e-5, and the
 engine's greedy tokens to the naive reference's). docs/inference.md measures what bf16 and int8
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.errors import UserError
+from tinylm.infer import kernels
 from tinylm.models.gpt import GPT
 from tinylm.models.layers import KVCache
 
@@ -191,8 +195,13 @@ class FastGPT:
         self.device, self.weight_dtype = p.device, dtype or p.dtype
         # The activations' dtype: int8 weights compute with bf16 activations.
         self.dtype = torch.bfloat16 if self.weight_dtype == torch.int8 else self.weight_dtype
-        # CPU attention over one query: fp32 beats bf16 several times over (see module doc).
-        self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        # On a CPU, q, k and v are computed in fp32 (PyTorch's bf16 attention is slow there),
+        # and stored in bf16 where the C kernel can read them (see module doc).
+        cpu = self.device.type == "cpu"
+        self.attn_dtype = torch.float32 if cpu else self.dtype
+        self.kv_dtype = self.attn_dtype
+        if cpu and self.dtype == torch.bfloat16 and kernels.available():
+            self.kv_dtype = torch.bfloat16
         self.tok_emb = model.tok_emb.weight.detach().to(self.dtype)
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach().to(
             self.dtype)
@@ -214,7 +223,7 @@ class FastGPT:
                   pad: torch.Tensor | None = None) -> KVCache:
         c = self.config
         return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
-                       dtype or self.attn_dtype, self.device, pad)
+                       dtype or self.kv_dtype, self.device, pad)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for `idx` continuing what `cache` holds. The
@@ -224,6 +233,9 @@ class FastGPT:
         H, D = c.n_head, c.d_model // c.n_head
         positions = cache.positions(T, idx.device)  # (T,) or (B, T)
         mask = cache.mask(T, idx.device)
+        bf16_kv = cache.k.dtype != self.attn_dtype
+        if bf16_kv and T == 1:  # the kernel's mask: each row's first real position
+            start = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
         x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B*T, C)
         if self.pos_emb is not None:
             x = x + F.embedding(positions.expand(B, T).reshape(-1), self.pos_emb)
@@ -238,8 +250,13 @@ class FastGPT:
                 qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
             q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
             k, v = cache.append(i, k, v.transpose(1, 2))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
-            y = y.transpose(1, 2).reshape(B * T, c.d_model).to(self.dtype)
+            if bf16_kv and T == 1:
+                y = kernels.decode_attention(q, k, v, start)  # (B, C)
+            else:  # a prompt, once: widen a bf16 cache for PyTorch's attention
+                k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+                y = y.transpose(1, 2).reshape(B * T, c.d_model)
+            y = y.to(self.dtype)
             x = L.proj(y, residual=x)
             h = L.norm2(x)
             if L.mlp == "swiglu":

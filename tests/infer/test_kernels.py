@@ -1,0 +1,78 @@
+"""The C decode-attention kernel computes PyTorch's attention, and generation falls back to
+PyTorch's when the kernel cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm.infer import kernels
+from tinylm.infer.engine import Engine, SamplingParams
+from tinylm.infer.fast import FastGPT
+from tinylm.models.gpt import GPT, GPTConfig
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler here")
+SMALL = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=128,
+                  zero_init=False, mlp="swiglu", qk_norm=True)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """A fresh kernel cache and a compiler that does not exist."""
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    kernels._library.cache_clear()
+    yield
+    kernels._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("S,D", [(1, 64), (37, 64), (300, 80), (5, 8)])
+def test_kernel_equals_pytorch_attention_over_the_same_bf16_cache(S, D):
+    torch.manual_seed(0)
+    B, H, capacity = 3, 4, 400
+    # As in the engine: q a strided view of the fused qkv output, k and v views of a bigger cache.
+    q = torch.randn(B, 1, 3, H, D)[:, :, 0].transpose(1, 2)  # (B, H, 1, D)
+    k, v = (torch.randn(B, H, capacity, D, dtype=torch.bfloat16)[:, :, :S] for _ in "kv")
+    start = torch.tensor([0, S // 2, S - 1])
+    allowed = (torch.arange(S) >= start[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=allowed)
+    got = kernels.decode_attention(q, k, v, start)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, H * D), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_int8_decode_on_the_bf16_cache_matches_the_fp32_cache(monkeypatch):
+    """The kernel's only difference from PyTorch's path is keys and values rounded to bf16."""
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    ids, nxt, pad = torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (3, 1)), torch.tensor(
+        [0, 3, 5])
+
+    def decode_step(net):
+        cache = net.new_cache(3, 20, pad=pad)
+        net.decode(ids, cache)
+        return cache.k.dtype, net.decode(nxt, cache)
+
+    kv_dtype, got = decode_step(FastGPT(model, torch.int8))
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    fp32_kv, want = decode_step(FastGPT(model, torch.int8))
+    assert (kv_dtype, fp32_kv) == (torch.bfloat16, torch.float32)
+    assert (got - want).abs().max() < 0.01 * want.abs().max()
+
+
+def test_without_a_compiler_generation_keeps_pytorchs_attention(no_compiler):
+    assert not kernels.available()
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    assert FastGPT(model, torch.int8).kv_dtype == torch.float32
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    out = Engine(model, dtype="int8").generate([[1, 2, 3], [4]], params)
+    assert [len(c.token_ids) for c in out] == [5, 5]
+
+
+def test_tinylm_kernels_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("TINYLM_KERNELS", "0")
+    assert not kernels.available()
+    assert FastGPT(GPT(SMALL), torch.int8).kv_dtype == torch.float32
