@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,12 +54,19 @@ MODELS = {
 def best_of(repeats: int, fn, *args) -> float:
     """The fastest of a few runs of fn(*args): the machine is shared, and noise only ever
     adds time."""
-    times = []
+    return race(repeats, {"": lambda: fn(*args)})[""]
+
+
+def race(repeats: int, contenders: dict) -> dict:
+    """Each contender's fastest of `repeats` runs, taken in turns (A, B, C, A, B, C, ...), so
+    that a burst of load from the machine's other tenants slows all of them, not one."""
+    times = {name: [] for name in contenders}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def load_hf(cfg: GPTConfig, tmp: Path):
@@ -133,10 +141,12 @@ def speed_table(name, model, hf, new: int, naive_new: int, repeats: int) -> list
         reference = Engine(model)
         out = [c.token_ids for c in reference.generate(ids.tolist(), params)]
         same = agreement(model, ids, out, hf_generate(hf, ids, new)[:, 32:].tolist())
-        t = {name: best_of(repeats, engine(model, name).generate, ids.tolist(), params)
-             for name in ENGINES}
-        t_hf = best_of(repeats, hf_generate, hf, ids, new)
-        t_hf_bf16 = best_of(repeats, hf_generate, hf_bf16, ids, new)
+        prompts = ids.tolist()
+        t = race(repeats, {
+            **{name: partial(engine(model, name).generate, prompts, params) for name in ENGINES},
+            "hf": partial(hf_generate, hf, ids, new),
+            "hf bf16": partial(hf_generate, hf_bf16, ids, new)})
+        t_hf, t_hf_bf16 = t["hf"], t["hf bf16"]
         naive_params = SamplingParams(max_new_tokens=naive_new, temperature=0)
         t_naive = best_of(1, naive_generate, model, ids, naive_params)
         floor = matmul_floor(model, B, repeats)
@@ -154,16 +164,19 @@ def context_table(model, hf, contexts: list[int], repeats: int) -> list[str]:
     """Decode ms/token for the 32 steps that end at each context length (prefill excluded:
     the time of generating 1 token is subtracted from that of 33)."""
     rows = []
-    engines = [engine(model, name) for name in ("fp32", "int8", "int8 no kernel")]
+    engines = {name: engine(model, name) for name in ("fp32", "int8", "int8 no kernel")}
     for ctx in contexts:
         ids = torch.randint(10, model.config.vocab_size, (1, ctx - 33))
         prompts = ids.tolist()
-        long, short = (SamplingParams(n, 0, ignore_eos=True) for n in (33, 1))
-        t = [best_of(repeats, e.generate, prompts, long) - best_of(repeats, e.generate, prompts,
-                                                                   short) for e in engines]
-        t_hf = (best_of(repeats, hf_generate, hf, ids, 33)
-                - best_of(repeats, hf_generate, hf, ids, 1))
-        rows.append(f"| {ctx} | " + " | ".join(f"{x / 32 * 1e3:.2f}" for x in [*t, t_hf]) + " |")
+        contenders = {}
+        for n in (33, 1):
+            params = SamplingParams(n, 0, ignore_eos=True)
+            contenders |= {(name, n): partial(e.generate, prompts, params)
+                           for name, e in engines.items()}
+            contenders[("hf", n)] = partial(hf_generate, hf, ids, n)
+        t = race(repeats, contenders)
+        per_token = [(t[(name, 33)] - t[(name, 1)]) / 32 for name in [*engines, "hf"]]
+        rows.append(f"| {ctx} | " + " | ".join(f"{x * 1e3:.2f}" for x in per_token) + " |")
         print(rows[-1], flush=True)
     return rows
 
@@ -179,7 +192,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    new, naive_new, repeats = (16, 4, 1) if args.quick else (256, 32, 3)
+    new, naive_new, repeats = (16, 4, 1) if args.quick else (256, 32, 5)
     contexts = [64, 256] if args.quick else [64, 256, 1024]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); C decode-attention "
           f"kernel {'built' if kernels.available() else 'NOT available'}; prompt 32 tokens, "

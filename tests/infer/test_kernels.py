@@ -11,6 +11,7 @@ from tinylm.infer import kernels
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import FastGPT
 from tinylm.models.gpt import GPT, GPTConfig
+from tinylm.models.layers import KVCache
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler here")
 SMALL = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=128,
@@ -32,9 +33,11 @@ def no_compiler(monkeypatch, tmp_path):
 def test_kernel_equals_pytorch_attention_over_the_same_bf16_cache(S, D):
     torch.manual_seed(0)
     B, H, capacity = 3, 4, 400
-    # As in the engine: q a strided view of the fused qkv output, k and v views of a bigger cache.
+    # As in the engine: q a strided view of the fused qkv output, k and v views of a bigger
+    # cache, the keys stored transposed.
     q = torch.randn(B, 1, 3, H, D)[:, :, 0].transpose(1, 2)  # (B, H, 1, D)
-    k, v = (torch.randn(B, H, capacity, D, dtype=torch.bfloat16)[:, :, :S] for _ in "kv")
+    k = torch.randn(B, H, D, capacity, dtype=torch.bfloat16).transpose(2, 3)[:, :, :S]
+    v = torch.randn(B, H, capacity, D, dtype=torch.bfloat16)[:, :, :S]
     start = torch.tensor([0, S // 2, S - 1])
     allowed = (torch.arange(S) >= start[:, None])[:, None, None, :]
     want = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=allowed)
@@ -76,3 +79,19 @@ def test_tinylm_kernels_0_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("TINYLM_KERNELS", "0")
     assert not kernels.available()
     assert FastGPT(GPT(SMALL), torch.int8).kv_dtype == torch.float32
+
+
+def test_a_transposed_key_cache_holds_the_same_keys_through_append_and_select():
+    plain, transposed = (KVCache(2, 3, 4, 8, 10, torch.bfloat16, transpose_k=t)
+                         for t in (False, True))
+    assert transposed.k_layers[1].stride(2) == 1  # positions contiguous
+    for T in (4, 1, 2):
+        k, v = torch.randn(3, 4, T, 8), torch.randn(3, 4, T, 8)
+        for layer in (0, 1):
+            for a, b in zip(plain.append(layer, k, v), transposed.append(layer, k, v)):
+                assert torch.equal(a, b)
+        plain.advance(T), transposed.advance(T)
+    rows = torch.tensor([2, 0])
+    plain.select(rows), transposed.select(rows)
+    assert torch.equal(plain.k, transposed.k) and torch.equal(plain.v, transposed.v)
+    assert transposed.k_layers[0].stride(2) == 1

@@ -221,9 +221,12 @@ class FastGPT:
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   pad: torch.Tensor | None = None) -> KVCache:
+        """The C kernel's cache (bf16, keys transposed) when it runs here, unless `dtype` says
+        otherwise."""
         c = self.config
+        kernel = dtype is None and self.kv_dtype != self.attn_dtype
         return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
-                       dtype or self.kv_dtype, self.device, pad)
+                       dtype or self.kv_dtype, self.device, pad, transpose_k=kernel)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for `idx` continuing what `cache` holds. The
@@ -233,8 +236,8 @@ class FastGPT:
         H, D = c.n_head, c.d_model // c.n_head
         positions = cache.positions(T, idx.device)  # (T,) or (B, T)
         mask = cache.mask(T, idx.device)
-        bf16_kv = cache.k.dtype != self.attn_dtype
-        if bf16_kv and T == 1:  # the kernel's mask: each row's first real position
+        kernel = cache.transpose_k and T == 1
+        if kernel:  # the kernel's mask: each row's first real position
             start = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
         x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B*T, C)
         if self.pos_emb is not None:
@@ -250,7 +253,7 @@ class FastGPT:
                 qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
             q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
             k, v = cache.append(i, k, v.transpose(1, 2))
-            if bf16_kv and T == 1:
+            if kernel:
                 y = kernels.decode_attention(q, k, v, start)  # (B, C)
             else:  # a prompt, once: widen a bf16 cache for PyTorch's attention
                 k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)

@@ -55,7 +55,7 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    dll.decode_attention.argtypes = [ptr] * 5 + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
+    dll.decode_attention.argtypes = [ptr] * 5 + [i64] * 11 + [ctypes.c_float, ctypes.c_int]
     dll.decode_attention.restype = None
     return dll
 
@@ -68,13 +68,15 @@ def available() -> bool:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      start: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for one query per row, over positions start[b]: of keys and
-    values (B, H, S, D) in bf16 (a view of the cache: unit stride over D and S).
-    q: (B, H, 1, D) fp32; start: (B,) int64. Returns (B, H*D) fp32, the rows `proj` takes."""
+    values (B, H, S, D) in bf16: views of a `KVCache(transpose_k=True)`, so k has unit stride
+    over S and v over D. q: (B, H, 1, D) fp32; start: (B,) int64.
+    Returns (B, H*D) fp32, the rows `proj` takes."""
     B, H, S, D = k.shape
     assert q.dtype == torch.float32 and k.dtype == v.dtype == torch.bfloat16
-    assert k.stride()[2:] == (D, 1) and v.stride() == k.stride() and q.stride(3) == 1
+    assert k.stride(2) == 1 and v.stride()[2:] == (D, 1) and q.stride(3) == 1
     out = torch.empty(B, H * D)
     _library().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), start.data_ptr(),
                                 out.data_ptr(), B, H, S, D, q.stride(0), q.stride(1),
-                                k.stride(0), k.stride(1), D ** -0.5, torch.get_num_threads())
+                                k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
+                                D ** -0.5, torch.get_num_threads())
     return out

@@ -96,13 +96,22 @@ class KVCache:
     `pos` is how many positions are filled. With left-padded batches, `pad` (B,) holds each
     row's count of padding tokens: those slots are never attended, and rotary positions start
     at 0 on each row's first real token.
+
+    `transpose_k` stores the keys as (..., head_dim, max_len), the layout the C decode kernel
+    reads fastest (infer/decode_attention.c). `k` is then a transposed view of that buffer, so
+    every method and caller still sees (..., max_len, head_dim).
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu",
-                 pad: torch.Tensor | None = None):
+                 pad: torch.Tensor | None = None, transpose_k: bool = False):
         shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.transpose_k = transpose_k
+        if transpose_k:
+            k = torch.zeros(shape[:3] + (head_dim, max_len), dtype=dtype, device=device)
+            self.k = k.transpose(-1, -2)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._per_layer()
         self.max_len = max_len
@@ -146,7 +155,11 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only some batch rows (beam search, or finished requests dropped)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.transpose_k:  # select on the buffer, so the kept keys keep its layout
+            self.k = self.k.transpose(-1, -2)[:, rows].transpose(-1, -2)
+        else:
+            self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
         self._per_layer()
         if self.pad is not None:
             self.pad = self.pad[rows]
