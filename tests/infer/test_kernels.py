@@ -1,5 +1,5 @@
-"""The C decode-attention kernel computes PyTorch's attention, and generation falls back to
-PyTorch's when the kernel cannot be built."""
+"""The C kernels (decode attention, RMSNorm) compute what PyTorch does, and generation falls
+back to PyTorch when they cannot be built."""
 
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ def test_kernel_equals_pytorch_attention_over_the_same_bf16_cache(S, D):
     want = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=allowed)
     got = kernels.decode_attention(q, k, v, start)
     torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, H * D), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_rms_norm_equals_pytorchs_on_rows_and_on_q_and_k_inside_a_fused_qkv(dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 96).to(dtype) * 0.05, torch.rand(96) + 0.5
+    want = F.rms_norm(x.float(), (96,), w, 1e-6)
+    got = kernels.rms_norm(x[:, None], w, 1e-6).view(5, 96)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    qkv = torch.randn(2, 3, 3, 4, 16).to(dtype)  # (B, T, q/k/v, H, D); q and k are 8 of 12 rows
+    qk = qkv[:, :, :2]
+    got = kernels.rms_norm(qk.view(6, 8, 16), None, 1e-6).view(qk.shape)
+    torch.testing.assert_close(got.float(), F.rms_norm(qk.float(), (16,), None, 1e-6),
+                               atol=tol, rtol=tol)
 
 
 @needs_kernel

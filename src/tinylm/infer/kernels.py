@@ -1,13 +1,14 @@
-"""The one hand-written kernel: decode attention over a bf16 KV cache (decode_attention.c).
+"""Two small C kernels for CPU inference (kernels.c): one decode step's attention over a bf16
+KV cache, and RMSNorm in one loop.
 
-It is compiled with the system's C compiler on first use (about a quarter of a second) into
+They are compiled with the system's C compiler on first use (about a quarter of a second) into
 $TINYLM_CACHE/kernels (default ~/.cache/tinylm), keyed by the source, the flags and the CPU, and
-called through ctypes: no PyTorch headers, so no minute-long extension build. Where there is no
+called through ctypes: no PyTorch headers, so no half-minute extension build. Where there is no
 compiler, or TINYLM_KERNELS=0, `available()` is False and `FastGPT` keeps an fp32 cache and
-PyTorch's attention instead: slower, never wrong.
+PyTorch's attention and norms instead: slower, never wrong.
 
 The library is built with -fopenmp and so links libgomp.so.1, the same runtime PyTorch's CPU
-build has already loaded: the kernel's threads are PyTorch's threads, not a second pool.
+build has already loaded: the kernels' threads are PyTorch's threads, not a second pool.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -42,7 +43,7 @@ def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu()]).encode())
     root = Path(os.environ.get("TINYLM_CACHE") or Path.home() / ".cache" / "tinylm") / "kernels"
-    lib = root / f"decode_attention-{key.hexdigest()[:16]}.so"
+    lib = root / f"kernels-{key.hexdigest()[:16]}.so"
     try:
         if not lib.exists():
             root.mkdir(parents=True, exist_ok=True)
@@ -57,6 +58,8 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     dll.decode_attention.argtypes = [ptr] * 5 + [i64] * 11 + [ctypes.c_float, ctypes.c_int]
     dll.decode_attention.restype = None
+    dll.rms_norm.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    dll.rms_norm.restype = None
     return dll
 
 
@@ -79,4 +82,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 out.data_ptr(), B, H, S, D, q.stride(0), q.stride(1),
                                 k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
                                 D ** -0.5, torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dimension, weight fp32 (C,) or None, for bf16 or fp32 x of shape
+    (N, G, C): N groups of G contiguous rows, the groups any stride apart (the q and k heads of
+    a fused qkv output, read in place). Returns a contiguous (N, G, C) tensor of x's dtype."""
+    N, G, C = x.shape
+    assert x.dtype in (torch.float32, torch.bfloat16) and x.stride(2) == 1
+    assert (G == 1 or x.stride(1) == C) and (weight is None or weight.dtype == torch.float32)
+    out = torch.empty(N, G, C, dtype=x.dtype)
+    _library().rms_norm(x.data_ptr(), out.data_ptr(), 0 if weight is None else weight.data_ptr(),
+                        N * G, C, G, x.stride(0), eps, x.dtype == torch.bfloat16,
+                        torch.get_num_threads())
     return out

@@ -98,7 +98,7 @@ class KVCache:
     at 0 on each row's first real token.
 
     `transpose_k` stores the keys as (..., head_dim, max_len), the layout the C decode kernel
-    reads fastest (infer/decode_attention.c). `k` is then a transposed view of that buffer, so
+    reads fastest (infer/kernels.c). `k` is then a transposed view of that buffer, so
     every method and caller still sees (..., max_len, head_dim).
     """
 
