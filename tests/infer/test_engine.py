@@ -103,10 +103,11 @@ def test_mixed_greedy_and_sampled_rows_in_one_batch(model, tok):
     assert len(out[1].token_ids) == 5 and len(out[0].token_ids) == 12
 
 
-def test_rows_that_finish_early_do_not_change_the_others(model, tok):
+@pytest.mark.parametrize("dtype", [None, "int8"])  # int8: auto here; the C kernel where it builds
+def test_rows_that_finish_early_do_not_change_the_others(model, tok, dtype):
     """Stop tokens end rows at different steps; the cache is compacted under the survivors."""
     greedy = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, dtype=dtype)
     full = engine.generate(PROMPTS, greedy)
     stops = [SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True,
                             stop_token_ids=[c.token_ids[k]]) for k, c in zip(range(8), full)]

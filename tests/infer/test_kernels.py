@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from tinylm.infer import kernels
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import FastGPT
-from tinylm.models.gpt import GPT, GPTConfig
+from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 from tinylm.models.layers import KVCache
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler here")
-SMALL = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=128,
-                  zero_init=False, mlp="swiglu", qk_norm=True)
+GPT2_SMALL = dict(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=128,
+                  zero_init=False)
+SMALL = GPTConfig(**GPT2_SMALL, mlp="swiglu", qk_norm=True)
 
 
 @pytest.fixture
@@ -29,20 +30,39 @@ def no_compiler(monkeypatch, tmp_path):
 
 
 @needs_kernel
-@pytest.mark.parametrize("S,D", [(1, 64), (37, 64), (300, 80), (5, 8)])
-def test_kernel_equals_pytorch_attention_over_the_same_bf16_cache(S, D):
+@pytest.mark.parametrize("qk_norm,rope,shared_rope", [(True, True, False), (False, False, False),
+                                                      (False, True, True)])
+@pytest.mark.parametrize("pos,D", [(0, 64), (36, 64), (299, 80), (4, 8)])
+def test_decode_attention_kernel_equals_pytorch(qk_norm, rope, shared_rope, pos, D):
+    """QK-norm, rotary embedding, the cache write at `pos` and attention over each row's
+    positions start..pos, against the same steps in PyTorch (fp32 over the bf16 cache)."""
     torch.manual_seed(0)
-    B, H, capacity = 3, 4, 400
-    # As in the engine: q a strided view of the fused qkv output, k and v views of a bigger
-    # cache, the keys stored transposed.
-    q = torch.randn(B, 1, 3, H, D)[:, :, 0].transpose(1, 2)  # (B, H, 1, D)
-    k = torch.randn(B, H, D, capacity, dtype=torch.bfloat16).transpose(2, 3)[:, :, :S]
-    v = torch.randn(B, H, capacity, D, dtype=torch.bfloat16)[:, :, :S]
-    start = torch.tensor([0, S // 2, S - 1])
-    allowed = (torch.arange(S) >= start[:, None])[:, None, None, :]
-    want = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=allowed)
-    got = kernels.decode_attention(q, k, v, start)
-    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, H * D), atol=1e-5, rtol=1e-5)
+    B, H = 3, 4
+    qkv = torch.randn(B, 3, H, D).bfloat16()
+    qk_w = torch.rand(2, D) + 0.5 if qk_norm else None
+    rows = 1 if shared_rope else B
+    cos_sin = (torch.randn(rows, D), torch.randn(rows, D)) if rope else None
+    cache = KVCache(1, B, H, D, 400, torch.bfloat16, transpose_k=True)
+    cache.append(0, *(torch.randn(B, H, pos, D) for _ in "kv"))
+    cache.advance(pos)
+    start = torch.tensor([0, pos // 2, pos])
+
+    q, k = qkv[:, 0].float(), qkv[:, 1].float()  # (B, H, D)
+    if qk_norm:
+        q, k = F.rms_norm(q, (D,), qk_w[0], 1e-6), F.rms_norm(k, (D,), qk_w[1], 1e-6)
+    if rope:
+        cos, sin = (t[:, None] for t in cos_sin)
+        q, k = (x * cos + x.roll(D // 2, dims=-1) * sin for x in (q, k))
+    keys = torch.cat([cache.k[0, :, :, :pos].float(), k.bfloat16().float()[:, :, None]], 2)
+    values = torch.cat([cache.v[0, :, :, :pos].float(), qkv[:, 2, :, None].float()], 2)
+    allowed = (torch.arange(pos + 1) >= start[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed)
+
+    got = kernels.decode_attention(qkv.view(B, -1), cache, 0, start, qk_w, 1e-6, cos_sin)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.reshape(B, H * D), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(cache.k[0, :, :, pos].float(), k, atol=2e-2, rtol=2e-2)
+    assert torch.equal(cache.v[0, :, :, pos], qkv[:, 2])
 
 
 @needs_kernel
@@ -63,10 +83,11 @@ def test_c_rms_norm_equals_pytorchs_on_rows_and_on_q_and_k_inside_a_fused_qkv(dt
 
 
 @needs_kernel
-def test_int8_decode_on_the_bf16_cache_matches_the_fp32_cache(monkeypatch):
+@pytest.mark.parametrize("config", [SMALL, gpt2_style(**GPT2_SMALL)], ids=["qwen3-like", "gpt2"])
+def test_int8_decode_on_the_bf16_cache_matches_the_fp32_cache(monkeypatch, config):
     """The kernel's only difference from PyTorch's path is keys and values rounded to bf16."""
     torch.manual_seed(0)
-    model = GPT(SMALL).eval()
+    model = GPT(config).eval()
     ids, nxt, pad = torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (3, 1)), torch.tensor(
         [0, 3, 5])
 

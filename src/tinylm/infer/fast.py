@@ -248,16 +248,27 @@ class FastGPT:
         H, D = c.n_head, c.d_model // c.n_head
         positions = cache.positions(T, idx.device)  # (T,) or (B, T)
         mask = cache.mask(T, idx.device)
+        # One decode step on the C kernel's cache: the kernel does all of attention after the
+        # qkv matmul. It takes each row's first real position, and rotary rows (B or 1, D).
         kernel = cache.transpose_k and T == 1
-        if kernel:  # the kernel's mask: each row's first real position
+        if kernel:
             start = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
+            rope = None if self.rope is None else tuple(t[positions].view(-1, D)
+                                                       for t in self.rope)
         x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B*T, C)
         if self.pos_emb is not None:
             x = x + F.embedding(positions.expand(B, T).reshape(-1), self.pos_emb)
         if self.rope is not None:  # (B or 1, T, 1, 1, D): broadcast over q/k and heads
             cos, sin = (t[positions].view(-1, T, 1, 1, D) for t in self.rope)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv(L.norm1(x)).to(self.attn_dtype).view(B, T, 3, H, D)
+            qkv = L.qkv(L.norm1(x))
+            if kernel:
+                qk_w = None if L.qk_norm is None else L.qk_norm.view(2, D)
+                y = kernels.decode_attention(qkv, cache, i, start, qk_w, L.qk_eps, rope)
+                x = L.proj(y, residual=x)
+                x = self._mlp(L, x)
+                continue
+            qkv = qkv.to(self.attn_dtype).view(B, T, 3, H, D)
             qk, v = qkv[:, :, :2], qkv[:, :, 2]
             if L.qk_norm is not None and self.c_norms:  # q and k heads read in place
                 qk = kernels.rms_norm(qk.view(B * T, 2 * H, D), None, L.qk_eps)
@@ -268,25 +279,27 @@ class FastGPT:
                 qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
             q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
             k, v = cache.append(i, k, v.transpose(1, 2))
-            if kernel:
-                y = kernels.decode_attention(q, k, v, start)  # (B, C)
-            else:  # a prompt, once: widen a bf16 cache for PyTorch's attention
-                k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
-                y = y.transpose(1, 2).reshape(B * T, c.d_model)
-            y = y.to(self.dtype)
+            # The kernel's cache is bf16: a prompt widens it once for PyTorch's attention.
+            k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+            y = y.transpose(1, 2).reshape(B * T, c.d_model).to(self.dtype)
             x = L.proj(y, residual=x)
-            h = L.norm2(x)
-            if L.mlp == "swiglu":
-                gate, up = L.up(h).chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            elif L.mlp == "relu2":
-                h = L.up(h, act="relu").square()
-            else:
-                h = L.up(h, act=L.mlp)
-            x = L.down(h, residual=x)
+            x = self._mlp(L, x)
         cache.advance(T)
         return self.norm_f(x).view(B, T, c.d_model)
+
+    @staticmethod
+    def _mlp(L: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """x + MLP(norm2(x)), rows (N, C)."""
+        h = L.norm2(x)
+        if L.mlp == "swiglu":
+            gate, up = L.up(h).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif L.mlp == "relu2":
+            h = L.up(h, act="relu").square()
+        else:
+            h = L.up(h, act=L.mlp)
+        return L.down(h, residual=x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1).float()

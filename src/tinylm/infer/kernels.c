@@ -18,40 +18,71 @@ static inline uint16_t float_to_bf16(float f) {
   return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16); /* round to nearest even */
 }
 
-/* decode_attention: one decode step of attention over a bf16 KV cache, accumulating in fp32.
- * PyTorch's CPU attention is memory-bound when decoding (one query row per sequence reads every
- * cached key and value), and it is several times slower on bf16 keys and values than on fp32, so
- * the cache could not shrink to half the bytes. This loop reads bf16 and computes in fp32. Same
- * result as
- *     softmax(q k^T * scale, masked before start[b]) v
- * for every (batch row b, head h), one OpenMP task per (b, h).
+/* decode_attention: one decode step of attention, from the fused qkv projection's output to
+ * the heads' outputs, over a bf16 KV cache, computing in fp32. For every (batch row b, head h),
+ * one OpenMP task each:
+ *   q, k = QK-norm (RMSNorm per head, then its weight) and rotary embedding, when given;
+ *   k and v are written into the cache at position pos;
+ *   out = softmax(q k^T / sqrt(D), over positions start[b]..pos) v.
+ * PyTorch's CPU attention is several times slower on bf16 keys and values than on fp32, so the
+ * cache could not shrink to half the bytes; and done as PyTorch ops, the steps before it are a
+ * dozen small calls per layer.
  *
- * q:    fp32, element (b, h, d) at q[b * q_sb + h * q_sh + d]
- * k:    bf16 bits, stored transposed: (b, h, t, d) at k[b * k_sb + h * k_sh + d * k_sd + t],
- *       so that one key dimension of all positions is contiguous and the dot products over d
- *       become sums of contiguous rows (no horizontal additions): 1.5-1.8x faster than keys
- *       stored by position
- * v:    bf16 bits, element (b, h, t, d) at v[b * v_sb + h * v_sh + t * D + d]
- * start: per row, the first position attended (left padding before it); t < S
- * out:  fp32 (B, H, D) contiguous
- */
-void decode_attention(const float *q, const uint16_t *k, const uint16_t *v, const int64_t *start,
-                      float *out, int64_t B, int64_t H, int64_t S, int64_t D, int64_t q_sb,
-                      int64_t q_sh, int64_t k_sb, int64_t k_sh, int64_t k_sd, int64_t v_sb,
-                      int64_t v_sh, float scale, int threads) {
+ * qkv:  bf16 (B, 3, H, D) contiguous: q, k and v of each row
+ * qk_w: fp32 (2, D), q_norm's and k_norm's weights, or NULL for no QK-norm
+ * cos, sin: fp32 rows of D for each batch row (rope_sb apart, 0 = one row for all), or NULL.
+ *       Rotation: x * cos + roll(x, D/2) * sin, with sin's first half negated by the caller
+ * k:    bf16 cache, keys stored transposed: (b, h, t, d) at k[b * k_sb + h * k_sh + d * k_sd + t],
+ *       so one key dimension of all positions is contiguous and the dot products over d become
+ *       sums of contiguous rows (no horizontal additions): 1.5-1.8x faster than by position
+ * v:    bf16 cache, (b, h, t, d) at v[b * v_sb + h * v_sh + t * D + d]
+ * start: per row, the first position attended (left padding before it)
+ * out:  bf16 (B, H, D) contiguous */
+static void rms_rope(float *x, const float *w, float eps, const float *cos, const float *sin,
+                     float *tmp, int64_t D) {
+  if (w) {
+    float sq = 0.f;
+    for (int64_t d = 0; d < D; ++d) sq += x[d] * x[d];
+    const float inv = 1.f / sqrtf(sq / D + eps);
+    for (int64_t d = 0; d < D; ++d) x[d] *= inv * w[d];
+  }
+  if (cos) {
+    for (int64_t d = 0; d < D; ++d) tmp[d] = x[d];
+    for (int64_t d = 0; d < D; ++d) x[d] = tmp[d] * cos[d] + tmp[(d + D / 2) % D] * sin[d];
+  }
+}
+
+void decode_attention(const uint16_t *qkv, int64_t B, int64_t H, int64_t D, const float *qk_w,
+                      float eps, const float *cos, const float *sin, int64_t rope_sb,
+                      uint16_t *k, int64_t k_sb, int64_t k_sh, int64_t k_sd, uint16_t *v,
+                      int64_t v_sb, int64_t v_sh, int64_t pos, const int64_t *start,
+                      uint16_t *out, int threads) {
+  const int64_t S = pos + 1;
 #pragma omp parallel num_threads(threads)
   {
-    float *score = malloc(sizeof(float) * (S + D)), *acc = score + S;
+    float *score = malloc(sizeof(float) * (S + 4 * D)), *acc = score + S, *q = acc + D,
+          *kn = q + D, *tmp = kn + D;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * H; ++i) {
       const int64_t b = i / H, h = i % H, t0 = start[b];
-      const float *qi = q + b * q_sb + h * q_sh;
-      const uint16_t *kr = k + b * k_sb + h * k_sh, *vr = v + b * v_sb + h * v_sh;
+      const uint16_t *row = qkv + b * 3 * H * D + h * D;
+      const float *c = cos ? cos + b * rope_sb : NULL, *s = sin ? sin + b * rope_sb : NULL;
+      uint16_t *kr = k + b * k_sb + h * k_sh, *vr = v + b * v_sb + h * v_sh;
+      for (int64_t d = 0; d < D; ++d) {
+        q[d] = bf16_to_float(row[d]);
+        kn[d] = bf16_to_float(row[H * D + d]);
+        vr[pos * D + d] = row[2 * H * D + d];
+      }
+      rms_rope(q, qk_w, eps, c, s, tmp, D);
+      rms_rope(kn, qk_w ? qk_w + D : NULL, eps, c, s, tmp, D);
+      for (int64_t d = 0; d < D; ++d) kr[d * k_sd + pos] = float_to_bf16(kn[d]);
+
       float max = -INFINITY, sum = 0.f;
+      const float scale = 1.f / sqrtf((float)D);
       for (int64_t t = t0; t < S; ++t) score[t] = 0.f;
       for (int64_t d = 0; d < D; ++d) {
         const uint16_t *kd = kr + d * k_sd;
-        const float qd = qi[d] * scale;
+        const float qd = q[d] * scale;
 #pragma omp simd
         for (int64_t t = t0; t < S; ++t) score[t] += qd * bf16_to_float(kd[t]);
       }
@@ -67,7 +98,7 @@ void decode_attention(const float *q, const uint16_t *k, const uint16_t *v, cons
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) acc[d] += p * bf16_to_float(vt[d]);
       }
-      for (int64_t d = 0; d < D; ++d) out[i * D + d] = acc[d] / sum;
+      for (int64_t d = 0; d < D; ++d) out[i * D + d] = float_to_bf16(acc[d] / sum);
     }
     free(score);
   }

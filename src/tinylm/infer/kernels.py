@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from tinylm.models.layers import KVCache
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -56,7 +58,9 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    dll.decode_attention.argtypes = [ptr] * 5 + [i64] * 11 + [ctypes.c_float, ctypes.c_int]
+    dll.decode_attention.argtypes = ([ptr] + [i64] * 3 + [ptr, ctypes.c_float, ptr, ptr, i64]
+                                     + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [ptr] * 2
+                                     + [ctypes.c_int])
     dll.decode_attention.restype = None
     dll.rms_norm.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     dll.rms_norm.restype = None
@@ -68,21 +72,34 @@ def available() -> bool:
     return os.environ.get("TINYLM_KERNELS", "1") != "0" and _library() is not None
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     start: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for one query per row, over positions start[b]: of keys and
-    values (B, H, S, D) in bf16: views of a `KVCache(transpose_k=True)`, so k has unit stride
-    over S and v over D. q: (B, H, 1, D) fp32; start: (B,) int64.
-    Returns (B, H*D) fp32, the rows `proj` takes."""
-    B, H, S, D = k.shape
-    assert q.dtype == torch.float32 and k.dtype == v.dtype == torch.bfloat16
-    assert k.stride(2) == 1 and v.stride()[2:] == (D, 1) and q.stride(3) == 1
-    out = torch.empty(B, H * D)
-    _library().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), start.data_ptr(),
-                                out.data_ptr(), B, H, S, D, q.stride(0), q.stride(1),
-                                k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
-                                D ** -0.5, torch.get_num_threads())
+def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, start: torch.Tensor,
+                     qk_norm: torch.Tensor | None, eps: float,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """One decode step's attention in `layer`, from the fused qkv projection's output
+    qkv (B, 3C) bf16 to the heads' outputs (B, C) bf16: QK-norm with weights qk_norm (2, D)
+    fp32 if given, rotary embedding with rope = (cos, signed sin) rows (B or 1, D) fp32 if
+    given, k and v written into `cache` (bf16, keys transposed) at cache.pos, then attention
+    over each row's positions start[b]..cache.pos. The caller advances the cache."""
+    ks, vs = cache.k_layers[layer], cache.v_layers[layer]  # (B, H, max_len, D)
+    B, H, max_len, D = ks.shape
+    assert qkv.dtype == ks.dtype == vs.dtype == torch.bfloat16 and qkv.is_contiguous()
+    assert ks.stride(2) == 1 and vs.stride()[2:] == (D, 1) and cache.pos < max_len
+    cos, sin = rope if rope is not None else (None, None)
+    rows = 0 if cos is None or cos.shape[0] == 1 else D
+    out = torch.empty(B, H * D, dtype=torch.bfloat16)
+    _library().decode_attention(
+        qkv.data_ptr(), B, H, D, _ptr(qk_norm), eps, _ptr(cos), _ptr(sin), rows,
+        ks.data_ptr(), ks.stride(0), ks.stride(1), ks.stride(3),
+        vs.data_ptr(), vs.stride(0), vs.stride(1), cache.pos, start.data_ptr(), out.data_ptr(),
+        torch.get_num_threads())
     return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    assert t.dtype == torch.float32 and t.is_contiguous()
+    return t.data_ptr()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -91,9 +108,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     a fused qkv output, read in place). Returns a contiguous (N, G, C) tensor of x's dtype."""
     N, G, C = x.shape
     assert x.dtype in (torch.float32, torch.bfloat16) and x.stride(2) == 1
-    assert (G == 1 or x.stride(1) == C) and (weight is None or weight.dtype == torch.float32)
+    assert G == 1 or x.stride(1) == C
     out = torch.empty(N, G, C, dtype=x.dtype)
-    _library().rms_norm(x.data_ptr(), out.data_ptr(), 0 if weight is None else weight.data_ptr(),
+    _library().rms_norm(x.data_ptr(), out.data_ptr(), _ptr(weight),
                         N * G, C, G, x.stride(0), eps, x.dtype == torch.bfloat16,
                         torch.get_num_threads())
     return out
