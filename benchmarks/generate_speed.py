@@ -33,10 +33,10 @@ from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 from tinylm.tokenizer import train_char
 from tinylm.train.checkpoint import save_model
 
-# Engine columns (tokens/s): weight dtype, and whether the C decode-attention kernel (bf16 KV
-# cache) may run. "int8 no kernel" is int8 with an fp32 cache and PyTorch's attention.
+# Engine columns (tokens/s): weight dtype, and whether the C kernels (bf16 KV cache, decode
+# attention, RMSNorm) may run. "int8 no C" is int8 on PyTorch alone, with an fp32 cache.
 ENGINES = {"fp32": ("fp32", True), "bf16": ("bf16", True), "int8": ("int8", True),
-           "int8 no kernel": ("int8", False)}
+           "int8 no C": ("int8", False)}
 SHAPE = dict(vocab_size=4096, block_size=1024, n_layer=6, n_head=6, d_model=384)
 MODELS = {
     "GPT-2 style": gpt2_style(**SHAPE),
@@ -164,7 +164,7 @@ def context_table(model, hf, contexts: list[int], repeats: int) -> list[str]:
     """Decode ms/token for the 32 steps that end at each context length (prefill excluded:
     the time of generating 1 token is subtracted from that of 33)."""
     rows = []
-    engines = {name: engine(model, name) for name in ("fp32", "int8", "int8 no kernel")}
+    engines = {name: engine(model, name) for name in ("fp32", "int8", "int8 no C")}
     for ctx in contexts:
         ids = torch.randint(10, model.config.vocab_size, (1, ctx - 33))
         prompts = ids.tolist()
@@ -194,11 +194,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     new, naive_new, repeats = (16, 4, 1) if args.quick else (256, 32, 5)
     contexts = [64, 256] if args.quick else [64, 256, 1024]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); C decode-attention "
-          f"kernel {'built' if kernels.available() else 'NOT available'}; prompt 32 tokens, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); C kernels "
+          f"{'built' if kernels.available() else 'NOT available'}; prompt 32 tokens, "
           f"{new} new tokens, greedy; tokens/s unless marked; naive reference timed on its "
           f"first {naive_new}")
-    head = ["| model | batch | engine fp32 | engine bf16 | engine int8 | engine int8 no kernel "
+    head = ["| model | batch | engine fp32 | engine bf16 | engine int8 | engine int8 no C "
             "| naive fp32 | HF fp32 "
             "| HF bf16 | fp32 vs HF fp32 | bf16 vs HF bf16 | int8 vs HF fp32 | int8 ms/step "
             "| fp32 matmul floor ms/step | same tokens as HF |",
@@ -212,8 +212,8 @@ def main() -> None:
             speed += speed_table(name, model, hf, new, naive_new, repeats)
             if i == 0:
                 ctx_model, ctx_hf = model, hf
-        head = ["", "| context | engine fp32 ms/token | engine int8 ms/token | engine int8 no "
-                "kernel ms/token | HF fp32 ms/token |", "|---:|---:|---:|---:|---:|"]
+        head = ["", "| context | engine fp32 ms/token | engine int8 ms/token | engine int8 no C "
+                "ms/token | HF fp32 ms/token |", "|---:|---:|---:|---:|---:|"]
         print("\n".join(head))
         ctx_rows = head + context_table(ctx_model, ctx_hf, contexts, repeats)
     if args.json:

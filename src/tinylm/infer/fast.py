@@ -17,10 +17,11 @@ with less of both:
   cos/sin and the attention mask are computed once per step, not per layer; q and k are normed
   and rotated together;
 - on a CPU with bf16 or int8 weights, the KV cache is bf16 (half the bytes of fp32, which at
-  batch 8 are as many as the weights'), and a decode step's attention runs a small C loop that
-  reads bf16 and computes in fp32 (kernels.py): PyTorch's own attention is several times slower
-  on bf16 than on fp32 there. Without a C compiler the cache stays fp32, with PyTorch's
-  attention.
+  batch 8 are as many as the weights'), and everything in a decode step's attention after the
+  qkv matmul (QK-norm, rotary, the cache write, attention) is one call of a C loop that reads
+  bf16 and computes in fp32 (kernels.py): PyTorch's own attention is several times slower on
+  bf16 than on fp32 there. RMSNorm is a C loop too. Without a C compiler the cache stays fp32
+  and all of it runs as PyTorch ops.
 
 In fp32 its logits equal `GPT.forward`'s up to float rounding (tests hold them to 1e-5, and the
 engine's greedy tokens to the naive reference's). docs/inference.md measures what bf16 and int8
