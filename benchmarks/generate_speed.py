@@ -184,9 +184,8 @@ def context_table(model, hf, contexts: list[int], repeats: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few tokens, one repeat: a smoke run")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 0 = torch's default. 1 keeps the comparison stable on a "
-                         "shared machine, where extra threads wait on busy cores")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads; 0 = torch's default (a user's setting: one per core)")
     ap.add_argument("--json", help="also write the tables to this JSON file")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
