@@ -68,7 +68,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether FastGPT built now will use the kernel (TINYLM_KERNELS=0 turns it off)."""
+    """Whether a FastGPT built now will use the kernels (TINYLM_KERNELS=0 turns them off)."""
     return os.environ.get("TINYLM_KERNELS", "1") != "0" and _library() is not None
 
 
