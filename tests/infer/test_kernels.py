@@ -42,8 +42,8 @@ def test_decode_attention_kernel_equals_pytorch(qk_norm, rope, shared_rope, pos,
     qk_w = torch.rand(2, D) + 0.5 if qk_norm else None
     rows = 1 if shared_rope else B
     cos_sin = (torch.randn(rows, D), torch.randn(rows, D)) if rope else None
-    cache = KVCache(1, B, H, D, 400, torch.bfloat16, transpose_k=True)
-    cache.append(0, *(torch.randn(B, H, pos, D) for _ in "kv"))
+    cache = KVCache(1, B, H, D, 400, torch.bfloat16, key_block=kernels.KEY_BLOCK)
+    old_keys, old_values = cache.append(0, *(torch.randn(B, H, pos, D) for _ in "kv"))
     cache.advance(pos)
     start = torch.tensor([0, pos // 2, pos])
 
@@ -53,15 +53,17 @@ def test_decode_attention_kernel_equals_pytorch(qk_norm, rope, shared_rope, pos,
     if rope:
         cos, sin = (t[:, None] for t in cos_sin)
         q, k = (x * cos + x.roll(D // 2, dims=-1) * sin for x in (q, k))
-    keys = torch.cat([cache.k[0, :, :, :pos].float(), k.bfloat16().float()[:, :, None]], 2)
-    values = torch.cat([cache.v[0, :, :, :pos].float(), qkv[:, 2, :, None].float()], 2)
+    keys = torch.cat([old_keys.float(), k.bfloat16().float()[:, :, None]], 2)
+    values = torch.cat([old_values.float(), qkv[:, 2, :, None].float()], 2)
     allowed = (torch.arange(pos + 1) >= start[:, None])[:, None, None, :]
     want = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed)
 
     got = kernels.decode_attention(qkv.view(B, -1), cache, 0, start, qk_w, 1e-6, cos_sin)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.reshape(B, H * D), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(cache.k[0, :, :, pos].float(), k, atol=2e-2, rtol=2e-2)
+    new_keys = cache.keys(0, pos + 1)
+    assert torch.equal(new_keys[:, :, :pos], old_keys)
+    torch.testing.assert_close(new_keys[:, :, pos].float(), k, atol=2e-2, rtol=2e-2)
     assert torch.equal(cache.v[0, :, :, pos], qkv[:, 2])
 
 
@@ -119,17 +121,19 @@ def test_tinylm_kernels_0_turns_the_kernel_off(monkeypatch):
     assert FastGPT(GPT(SMALL), torch.int8).kv_dtype == torch.float32
 
 
-def test_a_transposed_key_cache_holds_the_same_keys_through_append_and_select():
-    plain, transposed = (KVCache(2, 3, 4, 8, 10, torch.bfloat16, transpose_k=t)
-                         for t in (False, True))
-    assert transposed.k_layers[1].stride(2) == 1  # positions contiguous
-    for T in (4, 1, 2):
+def test_a_blocked_key_cache_holds_the_same_keys_through_append_and_select():
+    plain, blocked = (KVCache(2, 3, 4, 8, 40, torch.bfloat16, key_block=b) for b in (0, 16))
+    assert blocked.k.shape == (2, 3, 4, 3, 8, 16)  # 40 positions in 3 blocks of 16
+    end = 0
+    for T in (5, 1, 20, 1, 13):  # prefills and steps that cross block boundaries
         k, v = torch.randn(3, 4, T, 8), torch.randn(3, 4, T, 8)
         for layer in (0, 1):
-            for a, b in zip(plain.append(layer, k, v), transposed.append(layer, k, v)):
+            for a, b in zip(plain.append(layer, k, v), blocked.append(layer, k, v)):
                 assert torch.equal(a, b)
-        plain.advance(T), transposed.advance(T)
+        plain.advance(T), blocked.advance(T)
+        end += T
     rows = torch.tensor([2, 0])
-    plain.select(rows), transposed.select(rows)
-    assert torch.equal(plain.k, transposed.k) and torch.equal(plain.v, transposed.v)
-    assert transposed.k_layers[0].stride(2) == 1
+    plain.select(rows), blocked.select(rows)
+    for layer in (0, 1):
+        assert torch.equal(plain.keys(layer, end), blocked.keys(layer, end))
+    assert torch.equal(plain.v, blocked.v)

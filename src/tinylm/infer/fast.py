@@ -234,12 +234,13 @@ class FastGPT:
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   pad: torch.Tensor | None = None) -> KVCache:
-        """The C kernel's cache (bf16, keys transposed) when it runs here, unless `dtype` says
+        """The C kernel's cache (bf16, keys in blocks) when it runs here, unless `dtype` says
         otherwise."""
         c = self.config
         kernel = dtype is None and self.kv_dtype != self.attn_dtype
         return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
-                       dtype or self.kv_dtype, self.device, pad, transpose_k=kernel)
+                       dtype or self.kv_dtype, self.device, pad,
+                       key_block=kernels.KEY_BLOCK if kernel else 0)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for `idx` continuing what `cache` holds. The
@@ -251,7 +252,7 @@ class FastGPT:
         mask = cache.mask(T, idx.device)
         # One decode step on the C kernel's cache: the kernel does all of attention after the
         # qkv matmul. It takes each row's first real position, and rotary rows (B or 1, D).
-        kernel = cache.transpose_k and T == 1
+        kernel = cache.key_block > 0 and T == 1
         if kernel:
             start = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
             rope = None if self.rope is None else tuple(t[positions].view(-1, D)

@@ -5,6 +5,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Keys are stored in blocks of KEY_BLOCK positions (kernels.py's KEY_BLOCK), one fp32 vector
+ * register of scores on AVX-512. */
+#define KEY_BLOCK 16
+
 static inline float bf16_to_float(uint16_t x) {
   uint32_t bits = (uint32_t)x << 16;  /* bf16 is the top half of an fp32 */
   float f;
@@ -32,9 +36,12 @@ static inline uint16_t float_to_bf16(float f) {
  * qk_w: fp32 (2, D), q_norm's and k_norm's weights, or NULL for no QK-norm
  * cos, sin: fp32 rows of D for each batch row (rope_sb apart, 0 = one row for all), or NULL.
  *       Rotation: x * cos + roll(x, D/2) * sin, with sin's first half negated by the caller
- * k:    bf16 cache, keys stored transposed: (b, h, t, d) at k[b * k_sb + h * k_sh + d * k_sd + t],
- *       so one key dimension of all positions is contiguous and the dot products over d become
- *       sums of contiguous rows (no horizontal additions): 1.5-1.8x faster than by position
+ * k:    bf16 cache, keys in transposed blocks of KEY_BLOCK positions: (b, h, t, d) at
+ *       k[b * k_sb + h * k_sh + (t / KEY_BLOCK) * D * KEY_BLOCK + d * KEY_BLOCK + t % KEY_BLOCK].
+ *       A block's scores are sums of contiguous rows held in registers (no horizontal additions),
+ *       and the blocks attended are read front to back: 1.5-1.8x faster than keys stored by
+ *       position, and 15-20% faster than keys transposed whole, whose unfilled tails the CPU
+ *       prefetches for nothing
  * v:    bf16 cache, (b, h, t, d) at v[b * v_sb + h * v_sh + t * D + d]
  * start: per row, the first position attended (left padding before it)
  * out:  bf16 (B, H, D) contiguous */
@@ -54,14 +61,15 @@ static void rms_rope(float *x, const float *w, float eps, const float *cos, cons
 
 void decode_attention(const uint16_t *qkv, int64_t B, int64_t H, int64_t D, const float *qk_w,
                       float eps, const float *cos, const float *sin, int64_t rope_sb,
-                      uint16_t *k, int64_t k_sb, int64_t k_sh, int64_t k_sd, uint16_t *v,
+                      uint16_t *k, int64_t k_sb, int64_t k_sh, uint16_t *v,
                       int64_t v_sb, int64_t v_sh, int64_t pos, const int64_t *start,
                       uint16_t *out, int threads) {
   const int64_t S = pos + 1;
 #pragma omp parallel num_threads(threads)
   {
-    float *score = malloc(sizeof(float) * (S + 4 * D)), *acc = score + S, *q = acc + D,
-          *kn = q + D, *tmp = kn + D;
+    const int64_t blocks = (S + KEY_BLOCK - 1) / KEY_BLOCK;
+    float *score = malloc(sizeof(float) * (blocks * KEY_BLOCK + 4 * D)),
+          *acc = score + blocks * KEY_BLOCK, *q = acc + D, *kn = q + D, *tmp = kn + D;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * H; ++i) {
       const int64_t b = i / H, h = i % H, t0 = start[b];
@@ -75,16 +83,20 @@ void decode_attention(const uint16_t *qkv, int64_t B, int64_t H, int64_t D, cons
       }
       rms_rope(q, qk_w, eps, c, s, tmp, D);
       rms_rope(kn, qk_w ? qk_w + D : NULL, eps, c, s, tmp, D);
-      for (int64_t d = 0; d < D; ++d) kr[d * k_sd + pos] = float_to_bf16(kn[d]);
+      uint16_t *kb = kr + (pos / KEY_BLOCK) * D * KEY_BLOCK + pos % KEY_BLOCK;
+      for (int64_t d = 0; d < D; ++d) kb[d * KEY_BLOCK] = float_to_bf16(kn[d]);
 
       float max = -INFINITY, sum = 0.f;
       const float scale = 1.f / sqrtf((float)D);
-      for (int64_t t = t0; t < S; ++t) score[t] = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
-        const uint16_t *kd = kr + d * k_sd;
-        const float qd = q[d] * scale;
+      for (int64_t j = t0 / KEY_BLOCK; j < blocks; ++j) {
+        const uint16_t *block = kr + j * D * KEY_BLOCK;
+        float s[KEY_BLOCK] = {0};
+        for (int64_t d = 0; d < D; ++d) {
+          const float qd = q[d] * scale;
 #pragma omp simd
-        for (int64_t t = t0; t < S; ++t) score[t] += qd * bf16_to_float(kd[t]);
+          for (int u = 0; u < KEY_BLOCK; ++u) s[u] += qd * bf16_to_float(block[d * KEY_BLOCK + u]);
+        }
+        for (int u = 0; u < KEY_BLOCK; ++u) score[j * KEY_BLOCK + u] = s[u];
       }
       for (int64_t t = t0; t < S; ++t) max = score[t] > max ? score[t] : max;
       for (int64_t t = t0; t < S; ++t) {

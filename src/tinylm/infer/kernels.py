@@ -27,6 +27,7 @@ import torch
 from tinylm.models.layers import KVCache
 
 SOURCE = Path(__file__).with_name("kernels.c")
+KEY_BLOCK = 16  # as in kernels.c: the cache stores keys in transposed blocks of 16 positions
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -59,7 +60,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     dll.decode_attention.argtypes = ([ptr] + [i64] * 3 + [ptr, ctypes.c_float, ptr, ptr, i64]
-                                     + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [ptr] * 2
+                                     + [ptr] + [i64] * 2 + [ptr] + [i64] * 3 + [ptr] * 2
                                      + [ctypes.c_int])
     dll.decode_attention.restype = None
     dll.rms_norm.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
@@ -78,18 +79,19 @@ def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, start: torch
     """One decode step's attention in `layer`, from the fused qkv projection's output
     qkv (B, 3C) bf16 to the heads' outputs (B, C) bf16: QK-norm with weights qk_norm (2, D)
     fp32 if given, rotary embedding with rope = (cos, signed sin) rows (B or 1, D) fp32 if
-    given, k and v written into `cache` (bf16, keys transposed) at cache.pos, then attention
-    over each row's positions start[b]..cache.pos. The caller advances the cache."""
-    ks, vs = cache.k_layers[layer], cache.v_layers[layer]  # (B, H, max_len, D)
-    B, H, max_len, D = ks.shape
+    given, k and v written into `cache` (bf16, `key_block=KEY_BLOCK`) at cache.pos, then
+    attention over each row's positions start[b]..cache.pos. The caller advances the cache."""
+    ks, vs = cache.k_layers[layer], cache.v_layers[layer]  # (B, H, blocks, D, KEY_BLOCK)
+    B, H, _, D, block = ks.shape
     assert qkv.dtype == ks.dtype == vs.dtype == torch.bfloat16 and qkv.is_contiguous()
-    assert ks.stride(2) == 1 and vs.stride()[2:] == (D, 1) and cache.pos < max_len
+    assert block == KEY_BLOCK and ks.stride()[2:] == (D * block, block, 1)
+    assert vs.stride()[2:] == (D, 1) and cache.pos < cache.max_len
     cos, sin = rope if rope is not None else (None, None)
     rows = 0 if cos is None or cos.shape[0] == 1 else D
     out = torch.empty(B, H * D, dtype=torch.bfloat16)
     _library().decode_attention(
         qkv.data_ptr(), B, H, D, _ptr(qk_norm), eps, _ptr(cos), _ptr(sin), rows,
-        ks.data_ptr(), ks.stride(0), ks.stride(1), ks.stride(3),
+        ks.data_ptr(), ks.stride(0), ks.stride(1),
         vs.data_ptr(), vs.stride(0), vs.stride(1), cache.pos, start.data_ptr(), out.data_ptr(),
         torch.get_num_threads())
     return out

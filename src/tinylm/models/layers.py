@@ -97,21 +97,20 @@ class KVCache:
     row's count of padding tokens: those slots are never attended, and rotary positions start
     at 0 on each row's first real token.
 
-    `transpose_k` stores the keys as (..., head_dim, max_len), the layout the C decode kernel
-    reads fastest (infer/kernels.c). `k` is then a transposed view of that buffer, so
-    every method and caller still sees (..., max_len, head_dim).
+    `key_block` > 0 stores the keys in blocks of that many positions, each block transposed:
+    (n_layer, B, H, blocks, head_dim, key_block), the layout the C decode kernel reads fastest
+    (infer/kernels.c). `keys()` and `append()` still return (B, H, positions, head_dim).
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu",
-                 pad: torch.Tensor | None = None, transpose_k: bool = False):
+                 pad: torch.Tensor | None = None, key_block: int = 0):
         shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.transpose_k = transpose_k
-        if transpose_k:
-            k = torch.zeros(shape[:3] + (head_dim, max_len), dtype=dtype, device=device)
-            self.k = k.transpose(-1, -2)
-        else:
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_block = key_block
+        k_shape = shape
+        if key_block:
+            k_shape = shape[:3] + (-(-max_len // key_block), head_dim, key_block)
+        self.k = torch.zeros(k_shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._per_layer()
         self.max_len = max_len
@@ -129,9 +128,27 @@ class KVCache:
         far (B, H, pos + T, D)."""
         T, end = k.shape[2], self.pos + k.shape[2]
         ks, vs = self.k_layers[layer], self.v_layers[layer]
-        ks.narrow(2, self.pos, T).copy_(k)
+        if self.key_block:
+            blocks = ks.transpose(-1, -2)  # (B, H, blocks, key_block, D)
+            t = self.pos
+            while t < end:  # one copy per block the new positions touch
+                j, o = divmod(t, self.key_block)
+                n = min(self.key_block - o, end - t)
+                blocks[:, :, j, o : o + n].copy_(k[:, :, t - self.pos : t - self.pos + n])
+                t += n
+        else:
+            ks.narrow(2, self.pos, T).copy_(k)
         vs.narrow(2, self.pos, T).copy_(v)
-        return ks.narrow(2, 0, end), vs.narrow(2, 0, end)
+        return self.keys(layer, end), vs.narrow(2, 0, end)
+
+    def keys(self, layer: int, end: int) -> torch.Tensor:
+        """The layer's first `end` keys (B, H, end, D): a view, or a copy with `key_block`."""
+        ks = self.k_layers[layer]
+        if not self.key_block:
+            return ks.narrow(2, 0, end)
+        B, H, _, D, _ = ks.shape
+        blocks = ks[:, :, : -(-end // self.key_block)].transpose(-1, -2)
+        return blocks.reshape(B, H, -1, D)[:, :, :end]
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
         pos = torch.arange(self.pos, self.pos + T, device=device)
@@ -155,11 +172,7 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only some batch rows (beam search, or finished requests dropped)."""
-        if self.transpose_k:  # select on the buffer, so the kept keys keep its layout
-            self.k = self.k.transpose(-1, -2)[:, rows].transpose(-1, -2)
-        else:
-            self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
         self._per_layer()
         if self.pad is not None:
             self.pad = self.pad[rows]
