@@ -260,35 +260,43 @@ class FastGPT:
         x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B*T, C)
         if self.pos_emb is not None:
             x = x + F.embedding(positions.expand(B, T).reshape(-1), self.pos_emb)
+        rotary = None
         if self.rope is not None:  # (B or 1, T, 1, 1, D): broadcast over q/k and heads
-            cos, sin = (t[positions].view(-1, T, 1, 1, D) for t in self.rope)
+            rotary = tuple(t[positions].view(-1, T, 1, 1, D) for t in self.rope)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv(L.norm1(x))
+            qkv = L.qkv(L.norm1(x))  # (B*T, 3C)
             if kernel:
                 qk_w = None if L.qk_norm is None else L.qk_norm.view(2, D)
                 y = kernels.decode_attention(qkv, cache, i, start, qk_w, L.qk_eps, rope)
-                x = L.proj(y, residual=x)
-                x = self._mlp(L, x)
-                continue
-            qkv = qkv.to(self.attn_dtype).view(B, T, 3, H, D)
-            qk, v = qkv[:, :, :2], qkv[:, :, 2]
-            if L.qk_norm is not None and self.c_norms:  # q and k heads read in place
-                qk = kernels.rms_norm(qk.view(B * T, 2 * H, D), None, L.qk_eps)
-                qk = qk.view(B, T, 2, H, D) * L.qk_norm
-            elif L.qk_norm is not None:
-                qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_norm
-            if self.rope is not None:
-                qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
-            q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
-            k, v = cache.append(i, k, v.transpose(1, 2))
-            # The kernel's cache is bf16: a prompt widens it once for PyTorch's attention.
-            k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
-            y = y.transpose(1, 2).reshape(B * T, c.d_model).to(self.dtype)
+            else:
+                y = self._attention(qkv.view(B, T, 3, H, D), L, cache, i, rotary, mask)
             x = L.proj(y, residual=x)
             x = self._mlp(L, x)
         cache.advance(T)
         return self.norm_f(x).view(B, T, c.d_model)
+
+    def _attention(self, qkv: torch.Tensor, L: _Layer, cache: KVCache, layer: int,
+                   rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention with PyTorch's ops, from qkv (B, T, 3, H, D) to rows (B*T, C): prompts,
+        and every step where the C kernel does not run."""
+        B, T, _, H, D = qkv.shape
+        qkv = qkv.to(self.attn_dtype)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]
+        if L.qk_norm is not None and self.c_norms:  # q and k heads read in place
+            qk = kernels.rms_norm(qk.view(B * T, 2 * H, D), None, L.qk_eps)
+            qk = qk.view(B, T, 2, H, D) * L.qk_norm
+        elif L.qk_norm is not None:
+            qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_norm
+        if rotary is not None:
+            cos, sin = rotary
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
+        k, v = cache.append(layer, k, v.transpose(1, 2))
+        # The kernel's cache is bf16: a prompt widens it once for PyTorch's attention.
+        k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        return y.transpose(1, 2).reshape(B * T, H * D).to(self.dtype)
 
     @staticmethod
     def _mlp(L: _Layer, x: torch.Tensor) -> torch.Tensor:
