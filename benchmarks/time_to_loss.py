@@ -7,7 +7,7 @@
    2000 iterations, lr 1e-3), side by side, as the same-machine reference.
 3. `shakespeare-char-10min`: validation loss after 10 minutes of training. Target: <= 1.55.
 
-    python benchmarks/time_to_loss.py [--skip-10min] [--skip-nanogpt]
+    python benchmarks/time_to_loss.py [--skip-10min] [--skip-nanogpt] [--quick]
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-10min", action="store_true")
     ap.add_argument("--skip-nanogpt", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run (as `run_all.py --quick` passes): the fast preset for 5 s")
     args = ap.parse_args()
+    if args.quick:
+        args.skip_10min = args.skip_nanogpt = True
     rows = []
-    wall, r = run("shakespeare-char-fast", [])
+    wall, r = run("shakespeare-char-fast", ["train.time_budget=5.0"] if args.quick else [])
     rows.append(("tinylm `shakespeare-char-fast`", wall, r, "<= 1.886 in <= 51 s"))
     if not args.skip_nanogpt:
         wall, r = run("nanogpt-shakespeare-char", NANOGPT_CPU)
