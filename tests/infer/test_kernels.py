@@ -19,11 +19,12 @@ GPT2_SMALL = dict(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=128
 SMALL = GPTConfig(**GPT2_SMALL, mlp="swiglu", qk_norm=True)
 
 
-@pytest.fixture
-def no_compiler(monkeypatch, tmp_path):
-    """A fresh kernel cache and a compiler that does not exist."""
+@pytest.fixture(params=["missing", "failing"])
+def no_compiler(request, monkeypatch, tmp_path):
+    """A fresh kernel cache, and a compiler that does not exist or that fails."""
     monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc") if request.param == "missing"
+                       else "false")
     kernels._library.cache_clear()
     yield
     kernels._library.cache_clear()
