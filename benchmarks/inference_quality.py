@@ -34,25 +34,18 @@ from tinylm.infer.engine import Engine, SamplingParams
 DTYPES = ("fp32", "bf16", "int8")
 
 
-def val_loss(net, data: TokenData, T: int, max_tokens: int, batch: int = 8) -> float:
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for x, y in data.val_batches(batch, T):
-            logits = net.decode(x, net.new_cache(x.shape[0], T))
-            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
-            if count >= max_tokens:
-                break
-    return total / count
-
-
-def decode_loss(net, data: TokenData, T: int, max_tokens: int, batch: int = 8) -> float:
-    """The same loss, with every position's logits from a one-token decode step."""
+def val_loss(net, data: TokenData, T: int, max_tokens: int, one_at_a_time: bool = False,
+             batch: int = 8) -> float:
+    """Mean next-token loss over validation windows of T, from one prefill per window, or
+    (`one_at_a_time`) from T one-token decode steps, the path generation takes."""
     total, count = 0.0, 0
     with torch.inference_mode():
         for x, y in data.val_batches(batch, T):
             cache = net.new_cache(x.shape[0], T)
-            logits = torch.cat([net.decode(x[:, t : t + 1], cache) for t in range(T)], dim=1)
+            if one_at_a_time:
+                logits = torch.cat([net.decode(x[:, t : t + 1], cache) for t in range(T)], 1)
+            else:
+                logits = net.decode(x, cache)
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
             if count >= max_tokens:
@@ -102,12 +95,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         ref = val_loss(model, data, T, args.tokens)
-    ref_dec = decode_loss(model, data, T_dec, args.decode_tokens)
+    ref_dec = val_loss(model, data, T_dec, args.decode_tokens, one_at_a_time=True)
     print(f"| GPT.forward fp32 | {ref:.4f} | {math.exp(ref):.2f} | {ref_dec:.4f} | | |")
     for d in DTYPES:
         net = Engine(model, dtype=d).net()
         loss = val_loss(net, data, T, args.tokens)
-        dec = decode_loss(net, data, T_dec, args.decode_tokens)
+        dec = val_loss(net, data, T_dec, args.decode_tokens, one_at_a_time=True)
         pairs = list(zip(greedy["fp32"], greedy[d]))
         same = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                    for x, y in pairs) / sum(len(x) for x, _ in pairs)

@@ -166,7 +166,7 @@ def _norm(m: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Te
 class _Layer:
     norm1: Callable
     qkv: Linear
-    qk_norm: torch.Tensor | None  # (2, 1, head_dim): q_norm's and k_norm's weights, stacked
+    qk_norm: torch.Tensor | None  # (2, head_dim): q_norm's and k_norm's weights, stacked
     qk_eps: float
     proj: Linear
     norm2: Callable
@@ -186,7 +186,7 @@ def _layer(block, weight_dtype: torch.dtype, dtype: torch.dtype,
 
     qk_norm = None
     if a.q_norm is not None:
-        qk_norm = torch.stack([a.q_norm.weight, a.k_norm.weight]).detach()[:, None].to(attn_dtype)
+        qk_norm = torch.stack([a.q_norm.weight, a.k_norm.weight]).detach().to(attn_dtype)
     return _Layer(
         norm1=_norm(block.norm1, dtype), qkv=cat(a.q, a.k, a.v), qk_norm=qk_norm,
         qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
@@ -250,24 +250,22 @@ class FastGPT:
         H, D = c.n_head, c.d_model // c.n_head
         positions = cache.positions(T, idx.device)  # (T,) or (B, T)
         mask = cache.mask(T, idx.device)
+        rotary = None
+        if self.rope is not None:  # (B or 1, T, 1, 1, D): broadcast over q/k and heads
+            rotary = tuple(t[positions].view(-1, T, 1, 1, D) for t in self.rope)
         # One decode step on the C kernel's cache: the kernel does all of attention after the
         # qkv matmul. It takes each row's first real position, and rotary rows (B or 1, D).
         kernel = cache.key_block > 0 and T == 1
         if kernel:
             start = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
-            rope = None if self.rope is None else tuple(t[positions].view(-1, D)
-                                                       for t in self.rope)
+            rope = None if rotary is None else tuple(t.view(-1, D) for t in rotary)
         x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B*T, C)
         if self.pos_emb is not None:
             x = x + F.embedding(positions.expand(B, T).reshape(-1), self.pos_emb)
-        rotary = None
-        if self.rope is not None:  # (B or 1, T, 1, 1, D): broadcast over q/k and heads
-            rotary = tuple(t[positions].view(-1, T, 1, 1, D) for t in self.rope)
         for i, L in enumerate(self.layers):
             qkv = L.qkv(L.norm1(x))  # (B*T, 3C)
             if kernel:
-                qk_w = None if L.qk_norm is None else L.qk_norm.view(2, D)
-                y = kernels.decode_attention(qkv, cache, i, start, qk_w, L.qk_eps, rope)
+                y = kernels.decode_attention(qkv, cache, i, start, L.qk_norm, L.qk_eps, rope)
             else:
                 y = self._attention(qkv.view(B, T, 3, H, D), L, cache, i, rotary, mask)
             x = L.proj(y, residual=x)
@@ -285,9 +283,9 @@ class FastGPT:
         qk, v = qkv[:, :, :2], qkv[:, :, 2]
         if L.qk_norm is not None and self.c_norms:  # q and k heads read in place
             qk = kernels.rms_norm(qk.view(B * T, 2 * H, D), None, L.qk_eps)
-            qk = qk.view(B, T, 2, H, D) * L.qk_norm
+            qk = qk.view(B, T, 2, H, D) * L.qk_norm[:, None]  # (2, 1, D): over heads
         elif L.qk_norm is not None:
-            qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_norm
+            qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_norm[:, None]
         if rotary is not None:
             cos, sin = rotary
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
