@@ -30,8 +30,8 @@ from tinylm.hf import export_hf
 from tinylm.infer import kernels
 from tinylm.infer.engine import Engine, SamplingParams, naive_generate
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
+from tinylm.rundir import save_model
 from tinylm.tokenizer import train_char
-from tinylm.train.checkpoint import save_model
 
 # Engine columns (tokens/s): weight dtype, and whether the C kernels (bf16 KV cache, decode
 # attention, RMSNorm) may run. "int8 no C" is int8 on PyTorch alone, with an fp32 cache.

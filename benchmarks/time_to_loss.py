@@ -17,7 +17,8 @@ import tempfile
 import time
 
 from tinylm import config as configlib
-from tinylm.stages.pretrain import PretrainConfig, pretrain
+from tinylm.stages import pretrain
+from tinylm.stages.pretrain import PretrainConfig
 
 NANOGPT_CPU = [
     "model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.block_size=64",
@@ -35,7 +36,7 @@ def run(preset: str, overrides: list[str]) -> tuple[float, dict]:
         cfg = configlib.load(PretrainConfig, preset,
                              [f"out='{tmp}/run'", "train.progress=false", *overrides])
         start = time.perf_counter()
-        result = pretrain(cfg)
+        result = pretrain.run(cfg)
         return time.perf_counter() - start, result
 
 

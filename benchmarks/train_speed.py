@@ -21,7 +21,8 @@ import torch
 
 from tinylm import config as configlib
 from tinylm.perf import matmul_peak_flops
-from tinylm.stages.pretrain import PretrainConfig, pretrain
+from tinylm.stages import pretrain
+from tinylm.stages.pretrain import PretrainConfig
 
 NANOGPT_TOKENS_PER_S = 1600.0
 
@@ -32,7 +33,7 @@ def measure(overrides: list[str], steps: int) -> dict:
                              [f"out='{tmp}/run'", f"train.steps={steps}", "train.log_every=1",
                               "train.eval_every=0", "data.eval_tokens=1", "train.progress=false",
                               *overrides])
-        pretrain(cfg)
+        pretrain.run(cfg)
         rows = [json.loads(x) for x in (Path(tmp) / "run/metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][2:]  # skip warm-up steps
     return {"tokens_per_s": statistics.median(rates), "mfu": statistics.median(

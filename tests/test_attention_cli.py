@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tinylm import rundir
 from tinylm.cli import main
 from tinylm.infer.attention import attention_maps
 from tinylm.models.bert import BertConfig, BertModel
@@ -10,7 +11,6 @@ from tinylm.models.gpt import GPT, GPTConfig
 from tinylm.models.rnn import RNNConfig, RNNEncoderDecoder
 from tinylm.models.transformer import Transformer, TransformerConfig
 from tinylm.tokenizer import train_char
-from tinylm.train import checkpoint
 
 TEXT = "the cat sat"
 
@@ -19,7 +19,7 @@ def make_run(path, model_fn):
     """A run dir holding an untrained model: attention maps need no training to be maps."""
     tok = train_char("the cat sat on a mat. J'ai froid.")
     torch.manual_seed(0)
-    checkpoint.save_model(path, model_fn(tok))
+    rundir.save_model(path, model_fn(tok))
     tok.save(path / "tokenizer.json")
     return path
 

@@ -11,11 +11,11 @@ import torch
 
 from tinylm import config as configlib
 from tinylm.cli import main
-from tinylm.hf import export_hf, hf_architecture, import_hf
+from tinylm.hf import export_hf, gpt2_names, hf_architecture, import_hf
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
+from tinylm.rundir import save_model
 from tinylm.stages.pretrain import PretrainConfig
 from tinylm.tokenizer import EOS, train_bpe, train_char
-from tinylm.train.checkpoint import save_model
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", module="transformers")
@@ -100,6 +100,19 @@ def test_exported_folder_gives_the_same_logits_in_transformers(tmp_path, tok, na
         ours = model(ids)
     theirs = hf_logits(tmp_path / "hf", ids)
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_the_gpt2_mapping_names_every_tensor_of_both_models():
+    """Export and import both follow gpt2_names, so it must name each side's tensors, all of
+    them (lm_head aside: tied, or copied as it is)."""
+    c = gpt2_style(**SMALL, vocab_size=10)
+    ours, theirs, _ = zip(*gpt2_names(c.n_layer))
+    unfused = {n.replace("attn.qkv", f"attn.{x}") for n in ours for x in "qkv"}
+    assert unfused == set(GPT(c).state_dict()) - {"lm_head.weight"}
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.d_model, n_positions=c.block_size,
+        vocab_size=10, bos_token_id=None, eos_token_id=None))
+    assert set(theirs) == set(hf.state_dict()) - {"lm_head.weight"}
 
 
 def test_the_default_preset_is_exportable():

@@ -12,9 +12,8 @@ __version__ = "0.1.0"
 
 def load(run_dir: str | Path, device: str = "cpu", family: str | tuple[str, ...] | None = None):
     """The model and tokenizer of any run dir, ready for inference (eval mode); `family`
-    ("gpt", ("transformer", "rnn"), ...) makes a run of another kind a UserError."""
-    from tinylm.tokenizer import Tokenizer
-    from tinylm.train.checkpoint import load_model
+    ("gpt", ("transformer", "rnn"), ...) makes a run of another kind a UserError. For an
+    encoder-decoder the tokenizer is the source side's; tinylm.rundir.load_seq2seq gives both."""
+    from tinylm import rundir
 
-    model = load_model(Path(run_dir), family=family, device=device).eval()
-    return model, Tokenizer.load(Path(run_dir) / "tokenizer.json")
+    return rundir.load(run_dir, device, family)

@@ -6,10 +6,12 @@ Mistakes a user can fix (UserError) print one line and exit with status 2, no tr
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 from tinylm.errors import UserError
+from tinylm.stages import STAGES
 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -55,18 +57,21 @@ def print_result(result: dict) -> None:
     parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
              for k in keys if k in result]
     print("done: " + " ".join(parts))
+    if "val_acc" in result:
+        print(f"held-out masked tokens: accuracy {result['val_acc']:.2%}, "
+              f"perplexity {result['val_ppl']:.2f}")
 
 
-# --- pretrain -------------------------------------------------------------------------------
-def cmd_pretrain(args: argparse.Namespace) -> None:
+# --- the training stages (pretrain, mlm, seq2seq, ...: tinylm.stages.STAGES) -----------------
+def cmd_stage(stage, args: argparse.Namespace) -> None:
     from tinylm.stages.common import load_stage_config
-    from tinylm.stages.pretrain import PretrainConfig, pretrain
 
-    cfg = load_stage_config(PretrainConfig, args.config, args.overrides, args.out, args.resume)
+    cfg = load_stage_config(stage.config_cls, args.config, args.overrides, args.out,
+                            args.resume)
     if args.init:
         cfg.init = args.init
-    print(f"pretraining into {cfg.out}")
-    print_result(pretrain(cfg, resume=args.resume))
+    print(f"{stage.doing} into {cfg.out}")
+    print_result(stage.run(cfg, resume=args.resume))
 
 
 # --- sample ---------------------------------------------------------------------------------
@@ -112,22 +117,6 @@ def cmd_next_word(args: argparse.Namespace) -> None:
         print(f"wrote {viz.plot_next_tokens(args.text, rows, Path(args.png))}")
 
 
-# --- mlm ------------------------------------------------------------------------------------
-def cmd_mlm(args: argparse.Namespace) -> None:
-    from tinylm.stages.common import load_stage_config
-    from tinylm.stages.mlm import MLMConfig, train_mlm
-
-    cfg = load_stage_config(MLMConfig, args.config, args.overrides, args.out, args.resume)
-    if args.init:
-        cfg.init = args.init
-    print(f"training a masked LM into {cfg.out}")
-    result = train_mlm(cfg, resume=args.resume)
-    print_result(result)
-    if "val_acc" in result:
-        print(f"held-out masked tokens: accuracy {result['val_acc']:.2%}, "
-              f"perplexity {result['val_ppl']:.2f}")
-
-
 # --- fill-mask ------------------------------------------------------------------------------
 def cmd_fill_mask(args: argparse.Namespace) -> None:
     from tinylm.infer.explain import format_table
@@ -141,28 +130,11 @@ def cmd_fill_mask(args: argparse.Namespace) -> None:
     print(f"best: {best_fill(tok, args.text, blanks)}")
 
 
-# --- seq2seq --------------------------------------------------------------------------------
-def cmd_seq2seq(args: argparse.Namespace) -> None:
-    from tinylm.stages.common import load_stage_config
-    from tinylm.stages.seq2seq import Seq2SeqConfig, seq2seq
-
-    cfg = load_stage_config(Seq2SeqConfig, args.config, args.overrides, args.out, args.resume)
-    if args.init:
-        cfg.init = args.init
-    print(f"training a {cfg.family} encoder-decoder into {cfg.out}")
-    print_result(seq2seq(cfg, resume=args.resume))
-
-
 # --- translate ------------------------------------------------------------------------------
 def cmd_translate(args: argparse.Namespace) -> None:
     from tinylm.infer.beam import translate
-    from tinylm.stages.seq2seq import FAMILIES, load_seq2seq
-    from tinylm.train.checkpoint import read_model_meta
+    from tinylm.rundir import load_seq2seq
 
-    family = read_model_meta(Path(args.run))["family"]
-    if family not in FAMILIES:
-        raise UserError(f"{args.run} holds a {family} model; translate needs an encoder-decoder"
-                        " run, trained with `tinylm seq2seq`")
     model, src_tok, tgt_tok = load_seq2seq(args.run)
     for text in args.text:
         print(translate(model, src_tok, tgt_tok, [text], args.beam, args.length_penalty,
@@ -222,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="pre-train a GPT on raw text")
-    add_config_args(p, "shakespeare-char")
-    p.set_defaults(func=cmd_pretrain)
+    for stage in STAGES.values():
+        p = sub.add_parser(stage.name, help=stage.help)
+        add_config_args(p, stage.preset)
+        p.set_defaults(func=functools.partial(cmd_stage, stage))
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("--run", required=True, help="run dir")
@@ -256,19 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also draw a bar chart into this PNG file")
     p.set_defaults(func=cmd_next_word)
 
-    p = sub.add_parser("mlm", help="train a masked language model (BERT)")
-    add_config_args(p, "mlm-tinystories")
-    p.set_defaults(func=cmd_mlm)
-
     p = sub.add_parser("fill-mask", help="top candidates for each [MASK] in a sentence")
     p.add_argument("--run", required=True, help="run dir of a masked LM (tinylm mlm)")
     p.add_argument("text", help='a sentence with one or more [MASK], e.g. "The [MASK] is red."')
     p.add_argument("-k", type=int, default=5, help="candidates per [MASK]")
     p.set_defaults(func=cmd_fill_mask)
-
-    p = sub.add_parser("seq2seq", help="train an encoder-decoder (Transformer or RNN) on pairs")
-    add_config_args(p, "seq2seq-transformer")
-    p.set_defaults(func=cmd_seq2seq)
 
     p = sub.add_parser("translate", help="translate sentences with a seq2seq run")
     p.add_argument("--run", required=True, help="run dir of `tinylm seq2seq`")

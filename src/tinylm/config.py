@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from tinylm.errors import UserError
+from tinylm.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -133,8 +134,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save(cfg: Any, path: Path) -> None:
-    from tinylm.train.checkpoint import atomic_write_text
-
     atomic_write_text(path, tomli_w.dumps(_drop_none(to_dict(cfg))))
 
 

@@ -12,7 +12,8 @@ from tinylm import viz
 from tinylm.errors import UserError
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.explain import format_table, next_token_table
-from tinylm.stages.pretrain import PretrainConfig, pretrain
+from tinylm.stages import pretrain
+from tinylm.stages.pretrain import PretrainConfig
 
 RUN = Path("runs/demo-tinystories")
 SENTENCE = "The sun is shining and the birds are"
@@ -26,7 +27,7 @@ def main() -> int:
             print("== 1. pre-training a GPT on TinyStories (tinylm pretrain --config "
                   f"tinystories-bpe --out {RUN}); about 3 minutes")
             cfg = configlib.load(PretrainConfig, "tinystories-bpe", [f"out='{RUN}'"])
-            result = pretrain(cfg)
+            result = pretrain.run(cfg)
             print(f"   validation loss {result['val_loss']:.3f} (perplexity "
                   f"{result['val_ppl']:.1f}) after {result['step']} steps, "
                   f"{result['train_time']:.0f} s; loss curve in {RUN}/loss.png")

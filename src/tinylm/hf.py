@@ -37,7 +37,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from tinylm.errors import UserError
+from tinylm.files import atomic_save_tensors, atomic_write_text
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
+from tinylm.rundir import load_model, save_model
 from tinylm.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer
 
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, as tinylm's make_norm uses it
@@ -101,31 +103,17 @@ def hf_config(c: GPTConfig, arch: str, tok: Tokenizer) -> dict[str, Any]:
 def hf_state_dict(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     """tinylm parameter names and layouts -> the transformers class's."""
     c, sd = model.config, model.state_dict()
-
-    def get(name: str, like: str | None = None) -> torch.Tensor:
-        if name in sd:
-            return sd[name]
-        return torch.zeros(sd[like].shape[0])  # a bias tinylm does not have: zero is the same
-
     out = {}
     if arch == "gpt2":
-        out["transformer.wte.weight"] = sd["tok_emb.weight"]
-        out["transformer.wpe.weight"] = sd["pos_emb.weight"]
-        for i in range(c.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
-                out[h + theirs + ".bias"] = get(b + ours + ".bias", b + ours + ".weight")
-            # GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear's.
-            qkv = [b + f"attn.{x}" for x in "qkv"]
-            out[h + "attn.c_attn.weight"] = torch.cat([sd[n + ".weight"] for n in qkv]).T
-            out[h + "attn.c_attn.bias"] = torch.cat([get(n + ".bias", n + ".weight")
-                                                     for n in qkv])
-            for ours, theirs in GPT2_LINEAR_NAMES:
-                out[h + theirs + ".weight"] = sd[b + ours + ".weight"].T
-                out[h + theirs + ".bias"] = get(b + ours + ".bias", b + ours + ".weight")
-        out["transformer.ln_f.weight"] = sd["norm_f.weight"]
-        out["transformer.ln_f.bias"] = get("norm_f.bias", "norm_f.weight")
+        for i in range(c.n_layer):  # GPT-2's c_attn: tinylm's q, k and v, concatenated
+            for kind in ("weight", "bias"):
+                names = [f"blocks.{i}.attn.{x}.{kind}" for x in "qkv"]
+                if names[0] in sd:
+                    sd[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd.pop(n) for n in names])
+        for ours, theirs, conv1d in gpt2_names(c.n_layer):
+            if ours not in sd:  # a bias tinylm does not have: zero computes the same
+                sd[ours] = torch.zeros(sd[ours.removesuffix("bias") + "weight"].shape[0])
+            out[theirs] = sd[ours].T if conv1d else sd[ours]
     else:
         out["model.embed_tokens.weight"] = sd["tok_emb.weight"]
         for i in range(c.n_layer):
@@ -140,9 +128,31 @@ def hf_state_dict(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
-# GPT-2's Conv1D linears (weights stored transposed); q, k and v are fused there as c_attn.
-GPT2_LINEAR_NAMES = [("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                     ("mlp.proj", "mlp.c_proj")]
+# The GPT-2 mapping, both ways: (tinylm module, GPT-2 module, kind) inside each layer.
+# GPT-2's c_attn fuses q, k and v: "attn.qkv" stands for tinylm's three, concatenated.
+GPT2_LAYER_NAMES = [("norm1", "ln_1", "norm"), ("attn.qkv", "attn.c_attn", "conv1d"),
+                    ("attn.proj", "attn.c_proj", "conv1d"), ("norm2", "ln_2", "norm"),
+                    ("mlp.fc", "mlp.c_fc", "conv1d"), ("mlp.proj", "mlp.c_proj", "conv1d")]
+
+
+def gpt2_names(n_layer: int) -> list[tuple[str, str, bool]]:
+    """(tinylm tensor, GPT-2 tensor, transposed) for every GPT-2 tensor but lm_head. Norms
+    and linears have a weight and a bias; a linear is a Conv1D in GPT-2, which stores its
+    weight as (in, out), the transpose of nn.Linear's."""
+    modules = [("tok_emb", "transformer.wte", "embedding"),
+               ("pos_emb", "transformer.wpe", "embedding")]
+    for i in range(n_layer):
+        modules += [(f"blocks.{i}.{ours}", f"transformer.h.{i}.{theirs}", kind)
+                    for ours, theirs, kind in GPT2_LAYER_NAMES]
+    modules.append(("norm_f", "transformer.ln_f", "norm"))
+    names = []
+    for ours, theirs, kind in modules:
+        names.append((f"{ours}.weight", f"{theirs}.weight", kind == "conv1d"))
+        if kind != "embedding":
+            names.append((f"{ours}.bias", f"{theirs}.bias", False))
+    return names
+
+
 LLAMA_NAMES = [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"),
                ("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"),
                ("attn.v", "self_attn.v_proj"), ("attn.proj", "self_attn.o_proj"),
@@ -156,9 +166,6 @@ def tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "clean_up_tokenization_spaces": False, "add_bos_token": False, **special}
-    template = getattr(tok, "chat_template", None)
-    if template:
-        config["chat_template"] = template
     return {"tokenizer.json": tok.to_str(),
             "tokenizer_config.json": json.dumps(config, indent=2),
             "special_tokens_map.json": json.dumps(special, indent=2)}
@@ -166,8 +173,6 @@ def tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `run_dir`'s GPT as a transformers folder in `out_dir` (fp32 safetensors)."""
-    from tinylm.train.checkpoint import atomic_save_tensors, atomic_write_text, load_model
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model = load_model(run_dir, family="gpt")
     tok = Tokenizer.load(run_dir / "tokenizer.json")
@@ -300,25 +305,13 @@ def tinylm_state_dict(hf: dict[str, torch.Tensor], c: GPTConfig, kind: str, n_kv
     plain multi-head attention by repeating each key/value head's projection rows for every
     query head of its group: the same numbers, computed with bigger k/v weights."""
     sd: dict[str, torch.Tensor] = {}
-    d = c.d_model
     if kind == "gpt2":
-        sd["tok_emb.weight"] = hf["transformer.wte.weight"]
-        sd["pos_emb.weight"] = hf["transformer.wpe.weight"]
-        for i in range(c.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                sd[b + ours + ".weight"] = hf[h + theirs + ".weight"]
-                sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
-            w, bias = hf[h + "attn.c_attn.weight"].T, hf[h + "attn.c_attn.bias"]
-            for j, x in enumerate("qkv"):
-                sd[b + f"attn.{x}.weight"] = w[j * d : (j + 1) * d]
-                sd[b + f"attn.{x}.bias"] = bias[j * d : (j + 1) * d]
-            for ours, theirs in GPT2_LINEAR_NAMES:
-                sd[b + ours + ".weight"] = hf[h + theirs + ".weight"].T
-                sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
-        sd["norm_f.weight"] = hf["transformer.ln_f.weight"]
-        sd["norm_f.bias"] = hf["transformer.ln_f.bias"]
-        head = hf.get("lm_head.weight", sd["tok_emb.weight"])
+        for ours, theirs, conv1d in gpt2_names(c.n_layer):
+            sd[ours] = hf[theirs].T if conv1d else hf[theirs]
+        for i in range(c.n_layer):  # c_attn back into q, k and v
+            for kind_ in ("weight", "bias"):
+                qkv = sd.pop(f"blocks.{i}.attn.qkv.{kind_}").chunk(3)
+                sd |= {f"blocks.{i}.attn.{x}.{kind_}": w for x, w in zip("qkv", qkv)}
     else:
         sd["tok_emb.weight"] = hf["model.embed_tokens.weight"]
         for i in range(c.n_layer):
@@ -333,8 +326,7 @@ def tinylm_state_dict(hf: dict[str, torch.Tensor], c: GPTConfig, kind: str, n_kv
                         w = sd[name].unflatten(0, (n_kv, -1))
                         sd[name] = w.repeat_interleave(c.n_head // n_kv, 0).flatten(0, 1)
         sd["norm_f.weight"] = hf["model.norm.weight"]
-        head = hf.get("lm_head.weight", sd["tok_emb.weight"])
-    sd["lm_head.weight"] = head
+    sd["lm_head.weight"] = hf.get("lm_head.weight", sd["tok_emb.weight"])
     return sd
 
 
@@ -408,8 +400,6 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> list[str]:
     """Write a tinylm run dir from a transformers GPT-2 / Llama / Qwen2 / Qwen3 folder; returns
     notes for the user (e.g. small numeric differences)."""
     import tomli_w
-
-    from tinylm.train.checkpoint import atomic_write_text, save_model
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import torch
 
+# Every dtype name tinylm takes, for training (pick_dtype) and for inference weights
+# (infer/fast.py). int8 is inference's only: weights quantized per output row.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "int8": torch.int8}
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -32,11 +38,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
+    if name not in DTYPES or DTYPES[name] == torch.int8:  # int8: for inference, not training
         raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return table[name]
+    return DTYPES[name]
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tinylm.errors import UserError
+from tinylm.files import atomic_write_text
 
 BOS, EOS, PAD, MASK = "<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -67,8 +68,6 @@ class Tokenizer:
         return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
-        from tinylm.train.checkpoint import atomic_write_text
-
         atomic_write_text(path, self.to_str())
 
     @classmethod

@@ -287,7 +287,7 @@ def test_engine_does_not_leave_the_model_in_eval_mode(model, tok):
 
 
 def test_cli_sample_streams_and_rejects_bad_input(tmp_path, tok, capsys):
-    from tinylm.train.checkpoint import save_model
+    from tinylm.rundir import save_model
 
     save_model(tmp_path, tiny_gpt("gpt2-style", tok))
     tok.save(tmp_path / "tokenizer.json")

@@ -11,8 +11,8 @@ from tinylm.cli import main
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.explain import explain_sample, format_table, next_token_table
 from tinylm.models.gpt import GPT, gpt2_style
+from tinylm.rundir import save_model
 from tinylm.tokenizer import train_char
-from tinylm.train.checkpoint import save_model
 
 TEXT = "the cat sat on the mat. the dog sat on the log.\n" * 4
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,6 +50,57 @@ def test_fp32_logits_equal_the_models(name, pack):
     got = prefill_then_decode(fast_model, ids, pad, nxt)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# A value to try for each GPTConfig field that FastGPT takes in any value (a field missing here
+# is tried at its default); a field with listed values is tried at each of them.
+OTHER_VALUES = {"vocab_size": 60, "block_size": 32, "depth": 2, "n_layer": 1, "n_head": 4,
+                "d_model": 64, "mlp_ratio": 2.5, "rope_theta": 500.0, "tie_embeddings": True,
+                "logit_softcap": 5.0, "zero_init": True, "dropout": 0.1}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(GPTConfig)])
+def test_every_config_field_is_implemented_or_refused(field):
+    """A GPTConfig field FastGPT lists computes GPT's logits at each value it lists (or, for
+    "any", at a value other than the default); a field it does not list is refused."""
+    base = GPTConfig(**SMALL)
+    allowed = fast.SUPPORTED.get(field)
+    if allowed is None:
+        with pytest.raises(UserError, match=f"GPTConfig.{field}="):
+            FastGPT(GPT(base))
+        return
+    if allowed == "any":
+        allowed = [OTHER_VALUES.get(field, getattr(base, field))]
+    torch.manual_seed(0)
+    ids, nxt, pad = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 1)), torch.tensor([0, 2])
+    for value in sorted(allowed):
+        model = GPT(dataclasses.replace(base, **{field: value})).eval()
+        with torch.no_grad():  # norm weights and biases away from ones and zeros
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        want = prefill_then_decode(model, ids, pad, nxt)
+        got = prefill_then_decode(FastGPT(model), ids, pad, nxt)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"{field}={value!r}")
+
+
+@dataclasses.dataclass
+class ConfigWithANewSwitch(GPTConfig):
+    parallel_blocks: bool = False  # a switch GPT might gain and FastGPT would not know
+
+
+def test_what_fastgpt_does_not_implement_is_a_one_line_error_in_fastgpt_and_the_engine(
+        monkeypatch):
+    model = GPT(ConfigWithANewSwitch(**SMALL))
+    for build in (FastGPT, Engine):
+        with pytest.raises(UserError, match="ConfigWithANewSwitch.parallel_blocks=False") as e:
+            build(model)
+        assert "\n" not in str(e.value)
+    monkeypatch.setitem(fast.SUPPORTED, "mlp", {"swiglu"})  # as if relu2 were not implemented
+    with pytest.raises(UserError, match="GPTConfig.mlp='relu2'; use one of 'swiglu'"):
+        Engine(GPT(GPTConfig(**SMALL, mlp="relu2")))
+    with pytest.raises(UserError, match="GPT models only"):
+        Engine(torch.nn.Linear(4, 4))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen3-like"])

@@ -64,14 +64,22 @@ def test_loss_is_cross_entropy_over_masked_positions_only():
     torch.testing.assert_close(model(idx, targets), expected)
 
 
-def test_decoder_is_tied_to_the_embeddings_and_heads_go_to_adamw():
+def test_decoder_is_tied_to_the_embeddings_and_only_hidden_matrices_go_to_muon():
     model = tiny()
     assert model.mlm_head.decoder.weight is model.tok_emb.weight
     adam, muon = build_optimizers(model, TrainConfig(optimizer="muon"))
     assert isinstance(muon, Muon)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
-    assert not muon_ids & {id(p) for p in model.mlm_head.parameters()}
+    adam_ids = {id(p) for g in adam.param_groups for p in g["params"]}
+    head = model.mlm_head
+    # The head's dense layer is a hidden matrix (Muon, by the model's own groups, where a
+    # match on the name "head" used to send it to AdamW); decoder and norm are not.
+    assert id(head.dense.weight) in muon_ids
+    assert {id(head.decoder.weight), id(head.decoder.bias), id(head.norm.weight)} <= adam_ids
     assert id(model.blocks[0].attn.q.weight) in muon_ids
+    assert not muon_ids & adam_ids
+    every = {id(p) for p in model.parameters()}
+    assert muon_ids | adam_ids == every
 
 
 def test_too_long_input_is_refused():

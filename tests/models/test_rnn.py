@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from tinylm import rundir
 from tinylm.models.rnn import RNNConfig, RNNEncoderDecoder
-from tinylm.train import checkpoint
 
 PAD = 0
 
@@ -53,8 +53,8 @@ def test_step_decoding_matches_teacher_forcing_and_survives_save_load(tmp_path):
     state = model.start(src)
     steps = torch.stack([model.step(state, tgt[:, t]) for t in range(3)], dim=1)
     torch.testing.assert_close(steps, model(src, tgt), atol=1e-5, rtol=1e-5)
-    checkpoint.save_model(tmp_path, model)
-    loaded = checkpoint.load_model(tmp_path, family="rnn").eval()
+    rundir.save_model(tmp_path, model)
+    loaded = rundir.load_model(tmp_path, family="rnn").eval()
     torch.testing.assert_close(loaded(src, tgt), model(src, tgt))
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from tinylm import rundir
 from tinylm.models.transformer import Transformer, TransformerConfig
-from tinylm.train import checkpoint
 
 PAD = 0
 
@@ -67,8 +67,8 @@ def test_separate_vocabularies_and_save_load_roundtrip(tmp_path):
     assert model.src_emb is not model.tgt_emb
     src, tgt = torch.tensor([[5, 39]]), torch.tensor([[1, 24]])
     assert model(src, tgt).shape == (1, 2, 25)
-    checkpoint.save_model(tmp_path, model)
-    loaded = checkpoint.load_model(tmp_path, family="transformer").eval()
+    rundir.save_model(tmp_path, model)
+    loaded = rundir.load_model(tmp_path, family="transformer").eval()
     torch.testing.assert_close(loaded(src, tgt), model(src, tgt))
 
 

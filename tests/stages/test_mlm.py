@@ -2,12 +2,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tinylm import rundir
 from tinylm.cli import main
 from tinylm.data.mlm import Masker
 from tinylm.eval.mlm import mlm_metrics
 from tinylm.models.gpt import GPT, GPTConfig
 from tinylm.tokenizer import train_bpe
-from tinylm.train import checkpoint
 
 SENTENCES = [
     "The dog is chasing the ball.", "The cat is sleeping on the bed.",
@@ -62,7 +62,7 @@ def test_resume_replays_the_same_batches_and_masks(corpus, tmp_path):
 def test_held_out_eval_scores_the_same_masks_every_time(corpus, tmp_path):
     run = tmp_path / "bert"
     assert main(tiny_args(corpus, run, steps=2)) == 0
-    model = checkpoint.load_model(run, family="bert").eval()
+    model = rundir.load_model(run, family="bert").eval()
     tok = train_bpe(corpus.read_text(), 300)
     windows = [torch.tensor([tok.encode(s)[:8]]) for s in SENTENCES]
     first = mlm_metrics(model, windows, Masker(tok), seed=5)
@@ -82,7 +82,7 @@ def test_fill_mask_without_mask_is_a_one_line_error(corpus, tmp_path, capsys):
 
 def test_fill_mask_on_a_gpt_run_is_a_one_line_error(tmp_path, capsys):
     run = tmp_path / "gpt"
-    checkpoint.save_model(run, GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, d_model=32)))
+    rundir.save_model(run, GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, d_model=32)))
     train_bpe(" ".join(SENTENCES), 300).save(run / "tokenizer.json")
     assert main(["fill-mask", "--run", str(run), "The [MASK] is red."]) == 2
     err = capsys.readouterr().err

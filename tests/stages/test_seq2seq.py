@@ -4,13 +4,15 @@ import json
 
 import pytest
 
+from tinylm import rundir
 from tinylm.cli import main
 from tinylm.infer.beam import translate
 from tinylm.models.gpt import GPT, GPTConfig
+from tinylm.rundir import load_seq2seq
+from tinylm.stages import seq2seq
 from tinylm.stages.common import load_stage_config
-from tinylm.stages.seq2seq import Seq2SeqConfig, load_seq2seq, seq2seq
+from tinylm.stages.seq2seq import Seq2SeqConfig
 from tinylm.tokenizer import train_char
-from tinylm.train import checkpoint
 
 PAIRS = [("I am cold.", "J'ai froid."), ("Go.", "Va !"), ("Hi.", "Salut."),
          ("I won.", "J'ai gagné."), ("Thanks.", "Merci."), ("Run!", "Cours !"),
@@ -40,7 +42,7 @@ def test_a_tiny_model_overfits_a_few_pairs(tsv, tmp_path, family, steps):
     preset = "seq2seq-transformer" if family == "transformer" else "seq2seq-rnn-attn"
     sets = tiny_sets(tsv, steps, family) + ["data.val_fraction=0", "train.lr=1e-2"]
     cfg = load_stage_config(Seq2SeqConfig, preset, sets, str(tmp_path / "run"), False)
-    result = seq2seq(cfg, quiet=True)
+    result = seq2seq.run(cfg)
     assert result["loss"] < 0.05
     model, src_tok, tgt_tok = load_seq2seq(tmp_path / "run")
     sources, targets = zip(*PAIRS)
@@ -85,7 +87,7 @@ def test_malformed_tsv_names_the_line_or_is_skipped(tsv, tmp_path, capsys, error
 def test_translate_refuses_a_gpt_run_and_an_empty_source(tsv, tmp_path, capsys, error_of):
     gpt_run = tmp_path / "gpt"
     tok = train_char("abc")
-    checkpoint.save_model(gpt_run, GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1,
+    rundir.save_model(gpt_run, GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1,
                                                  n_head=2, d_model=16, block_size=8)))
     tok.save(gpt_run / "tokenizer.json")
     err = error_of(["translate", "--run", str(gpt_run), "I am cold."], capsys)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import tinylm
 from tinylm import config as configlib
-from tinylm.stages.pretrain import PretrainConfig, pretrain
+from tinylm.stages import pretrain
+from tinylm.stages.pretrain import PretrainConfig
 from tinylm.train.optim import lr_factor
 
 TINY = [
@@ -35,7 +36,7 @@ def losses(run: Path) -> list[float]:
 
 
 def test_save_then_load_gives_identical_logits(tiny_corpus, tmp_path):
-    pretrain(tiny_cfg(tiny_corpus, tmp_path / "run"))
+    pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "run"))
     model, tok = tinylm.load(tmp_path / "run")
     x = torch.tensor([tok.encode("The sun is shining")])
     again, _ = tinylm.load(tmp_path / "run")
@@ -47,11 +48,11 @@ def test_save_then_load_gives_identical_logits(tiny_corpus, tmp_path):
 def test_resume_is_bit_exact(tiny_corpus, tmp_path, optimizer):
     common = [f"train.optimizer='{optimizer.split('-')[0]}'", "model.dropout=0.1",
               "train.grad_accum=2", f"train.bf16_weights={str('bf16' in optimizer).lower()}"]
-    pretrain(tiny_cfg(tiny_corpus, tmp_path / "full", "train.steps=8", *common))
-    pretrain(tiny_cfg(tiny_corpus, tmp_path / "half", "train.steps=8", "train.stop_after=4",
+    pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "full", "train.steps=8", *common))
+    pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "half", "train.steps=8", "train.stop_after=4",
                       *common))
     cfg = tiny_cfg(tiny_corpus, tmp_path / "half", "train.steps=8", *common)
-    pretrain(cfg, resume=True)
+    pretrain.run(cfg, resume=True)
     assert losses(tmp_path / "full") == losses(tmp_path / "half")
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "half" / "model.safetensors"))
@@ -59,10 +60,10 @@ def test_resume_is_bit_exact(tiny_corpus, tmp_path, optimizer):
 
 
 def test_existing_run_is_not_overwritten(tiny_corpus, tmp_path):
-    pretrain(tiny_cfg(tiny_corpus, tmp_path / "run"))
+    pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "run"))
     before = (tmp_path / "run" / "model.safetensors").read_bytes()
     with pytest.raises(tinylm.errors.UserError, match="already holds a model"):
-        pretrain(tiny_cfg(tiny_corpus, tmp_path / "run"))
+        pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "run"))
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
 
 
@@ -90,10 +91,35 @@ def test_torchrun_two_processes_match_one(tiny_corpus, tmp_path):
 
 
 def test_bf16_weights_train_like_fp32(tiny_corpus, tmp_path):
-    pretrain(tiny_cfg(tiny_corpus, tmp_path / "a", "train.steps=30"))
-    pretrain(tiny_cfg(tiny_corpus, tmp_path / "b", "train.steps=30", "train.bf16_weights=true"))
+    pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "a", "train.steps=30"))
+    pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "b", "train.steps=30", "train.bf16_weights=true"))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert b[-1] < b[0] - 1.0  # it learns
     assert b[-1] == pytest.approx(a[-1], abs=0.1)  # about as well as fp32
     model, _ = tinylm.load(tmp_path / "b")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # saved as fp32
+
+
+def test_metrics_log_each_groups_actual_learning_rate(tiny_corpus, tmp_path):
+    pretrain.run(tiny_cfg(tiny_corpus, tmp_path / "run", "train.lr=0.004",
+                          "train.muon_lr=0.05"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert {"lr_factor", "lr_matrix", "lr_embed", "lr_other"} <= rows[0].keys()
+    for r in rows:
+        assert r["lr_matrix"] == pytest.approx(0.05 * r["lr_factor"])
+        assert r["lr_embed"] == r["lr_other"] == pytest.approx(0.004 * r["lr_factor"])
+    assert rows[0]["lr_factor"] < rows[2]["lr_factor"]  # warm-up: the schedule moves
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "transformer", "rnn"])
+def test_models_put_every_parameter_in_exactly_one_optimizer_group(family):
+    from tinylm.models import family_classes
+
+    model_cls, config_cls = family_classes(family)
+    model = model_cls(config_cls(vocab_size=50))
+    groups = model.optim_groups()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
+    assert all(p.ndim == 2 for p in groups["matrix"]) and groups["matrix"]
+    assert all(p.ndim == 1 for p in groups["other"])

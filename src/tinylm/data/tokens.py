@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,20 @@ import torch
 
 from tinylm.data.text import fingerprint
 from tinylm.errors import UserError
+from tinylm.files import atomic_write_bytes, atomic_write_text
 from tinylm.tokenizer import Tokenizer
+
+
+@dataclass
+class DataConfig:
+    """Where a token stream comes from and how it is split (pre-training, masked LM)."""
+
+    corpus: str = "tinyshakespeare"  # shipped corpus name, a file, or a folder
+    tokenizer: str = "char"  # char | bpe
+    vocab_size: int = 4096  # bpe only
+    val_fraction: float = 0.1  # the last 10% of tokens
+    eval_batch_size: int = 32
+    eval_tokens: int = 0  # cap on validation tokens per eval; 0 = the whole split
 
 
 def cache_dir() -> Path:
@@ -39,10 +53,8 @@ def encode_cached(text: str, tok: Tokenizer) -> np.ndarray:
         (i for row in tok.encode_batch(pieces) for i in row), dtype=dtype, count=-1
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    ids.tofile(tmp)
-    os.replace(tmp, path)
-    (path.with_suffix(".json")).write_text(json.dumps({"tokens": int(ids.size)}))
+    atomic_write_bytes(path, ids.tobytes())
+    atomic_write_text(path.with_suffix(".json"), json.dumps({"tokens": int(ids.size)}))
     return ids
 
 

@@ -30,11 +30,13 @@ import torch
 from tinylm import config as configlib
 from tinylm.data.pairs import PairData
 from tinylm.errors import UserError
+from tinylm.files import atomic_write_text
 from tinylm.infer.beam import greedy_search
 from tinylm.models.rnn import RNNConfig, RNNEncoderDecoder
 from tinylm.models.transformer import Transformer, TransformerConfig
 from tinylm.stages.common import batch_generator, prepare_run_dir
 from tinylm.tokenizer import Tokenizer, train_char
+from tinylm.train import objectives
 from tinylm.train.loop import TrainConfig, train
 
 ARCHS = ("rnn", "rnn-attn", "transformer")
@@ -208,7 +210,7 @@ def run_bottleneck(cfg: BottleneckConfig, quiet: bool = False) -> dict[str, Any]
             return task.batch(cfg.train.batch_size, batch_generator(cfg.train.seed, step, k))
 
         t0 = time.perf_counter()
-        res = train(model, cfg.train, run_dir, batch_fn)
+        res = train(model, objectives.seq2seq, batch_fn, cfg.train, run_dir)
         acc = accuracy_by_length(model, task, cfg.train.seed)
         results[arch] = {"params": model.num_params(), "loss": res.get("loss"),
                          "train_minutes": round(res["train_time"] / 60, 2),
@@ -216,8 +218,6 @@ def run_bottleneck(cfg: BottleneckConfig, quiet: bool = False) -> dict[str, Any]
                          "accuracy": {str(n): a for n, a in acc.items()}}
         say(f"{arch}: loss {res.get('loss', float('nan')):.4f}, mean exact match "
             f"{sum(acc.values()) / len(acc):.0%}")
-    from tinylm.train.checkpoint import atomic_write_text
-
     atomic_write_text(out / "bottleneck.json", json.dumps(results, indent=2))
     png = plot_accuracy_by_length(
         {LABELS[a]: {int(k): v for k, v in r["accuracy"].items()} for a, r in results.items()},

@@ -10,14 +10,17 @@ held-out BLEU / chrF, greedy and beam, go into one Markdown table, printed and w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinylm.files import atomic_write_text
+from tinylm.stages import seq2seq
 from tinylm.stages.common import load_stage_config
-from tinylm.stages.seq2seq import Seq2SeqConfig, seq2seq
-from tinylm.train.checkpoint import atomic_write_text
+from tinylm.stages.seq2seq import Seq2SeqConfig
 
 PRESETS = ["seq2seq-rnn", "seq2seq-rnn-attn", "seq2seq-transformer"]
 
@@ -61,7 +64,8 @@ def run_translation_table(cfg: TranslationTableConfig, quiet: bool = False) -> d
         else:
             say(f"--- {preset} -> {run_dir}")
             scfg = load_stage_config(Seq2SeqConfig, preset, cfg.overrides, str(run_dir), False)
-            seq2seq(scfg, quiet=quiet)
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                seq2seq.run(scfg)
         rows.append(json.loads(result_path.read_text()))
     table = format_table(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from tinylm.errors import UserError
+from tinylm.rundir import load_model, load_seq2seq, read_model_meta
 from tinylm.tokenizer import MASK, Tokenizer
-from tinylm.train.checkpoint import load_model, read_model_meta
 
 SELF_FAMILIES = ("gpt", "bert")
 CROSS_FAMILIES = ("transformer", "rnn")
@@ -122,8 +122,6 @@ def attention_maps(run_dir: str | Path, text: str, beam_size: int = 1) -> Attent
         model = load_model(Path(run_dir), family=family).eval()
         return self_attention(model, Tokenizer.load(Path(run_dir) / "tokenizer.json"), text)
     if family in CROSS_FAMILIES:
-        from tinylm.stages.seq2seq import load_seq2seq
-
         model, src_tok, tgt_tok = load_seq2seq(run_dir)
         return cross_attention(model, src_tok, tgt_tok, text, beam_size)
     raise UserError(f"{run_dir} holds a {family} model; attention maps need a gpt, bert, "

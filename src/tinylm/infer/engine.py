@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinylm.errors import UserError
-from tinylm.infer.fast import FastGPT, resolve_dtype
+from tinylm.infer.fast import FastGPT, check_supported, resolve_dtype
 from tinylm.models.gpt import GPT
 
 
@@ -356,11 +356,13 @@ class _Settings:
 
 
 class Engine:
-    """Batched generation with a KV cache. `model` is a GPT (anything with `decode`,
-    `new_cache`, `config.block_size`); `tokenizer` is needed for text prompts and output."""
+    """Batched generation with a KV cache. `model` is a GPT, run through its `FastGPT` twin
+    (a config FastGPT does not implement is a UserError here); `tokenizer` is needed for text
+    prompts and output."""
 
-    def __init__(self, model, tokenizer=None, max_batch: int = 64,
+    def __init__(self, model: GPT, tokenizer=None, max_batch: int = 64,
                  dtype: str | torch.dtype | None = None):
+        check_supported(model)  # a refused model fails here, not at its first request
         self.model, self.tok, self.max_batch = model, tokenizer, max_batch
         self.block_size = model.config.block_size
         # Weights for generation: None = the model's own (exact); "auto" = the fastest measured
@@ -369,12 +371,10 @@ class Engine:
         self._fast: FastGPT | None = None
         self._fast_key: tuple | None = None
 
-    def net(self):
-        """What runs the forward passes: for a GPT its `FastGPT` twin, rebuilt whenever the
+    def net(self) -> FastGPT:
+        """What runs the forward passes: the model's `FastGPT` twin, rebuilt whenever the
         model's weights changed since (an optimizer step or a load bumps each tensor's
         version counter), so generation always sees the current weights."""
-        if not isinstance(self.model, GPT):
-            return self.model
         key = tuple((id(p), p._version) for p in self.model.parameters())
         if key != self._fast_key:
             self._fast, self._fast_key = FastGPT(self.model, self.dtype), key
@@ -520,13 +520,11 @@ class Engine:
                 logits = model.decode(nxt[:, None], cache)[:, -1]  # (B, V)
 
     @staticmethod
-    def _prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    def _prefill(model: FastGPT, ids: torch.Tensor, cache) -> torch.Tensor:
         """Run the prompts through the model, filling the cache; logits (B, V) of the last
         position only (the full (B, T, V) would be wasted work for long prompts)."""
-        if hasattr(model, "hidden_states"):
-            h = model.hidden_states(ids, cache)  # (B, T, C)
-            return model.logits(h[:, -1:])[:, -1]
-        return model.decode(ids, cache)[:, -1]
+        h = model.hidden_states(ids, cache)  # (B, T, C)
+        return model.logits(h[:, -1:])[:, -1]
 
     @staticmethod
     def _record_logprobs(logits, nxt, rows: list[_Row], top_n: int) -> None:

@@ -30,6 +30,7 @@ cost in validation loss (the fourth decimal on the demo run) and what they gain 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,10 +42,39 @@ from tinylm.errors import UserError
 from tinylm.infer import kernels
 from tinylm.models.gpt import GPT
 from tinylm.models.layers import KVCache
+from tinylm.perf import DTYPES
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "int8": torch.int8}
+# Every GPTConfig field FastGPT computes as GPT does, with the values it implements ("any": all
+# of them). A field missing here, such as a switch added to GPTConfig later, is refused until
+# someone implements it here: the engine must never quietly run another function than GPT's.
+SUPPORTED: dict[str, set | str] = {
+    "vocab_size": "any", "block_size": "any", "depth": "any", "n_layer": "any",
+    "n_head": "any", "d_model": "any", "mlp_ratio": "any", "rope_theta": "any",
+    "mlp": {"relu2", "swiglu", "gelu", "relu"},
+    "norm": {"rms", "layer"},
+    "pos": {"rope", "learned"},
+    "qk_norm": {True, False},
+    "bias": {True, False},
+    "tie_embeddings": "any",  # the head's weight is copied, tied or not
+    "logit_softcap": "any",
+    "zero_init": "any",  # initialisation only
+    "dropout": "any",  # inference has none, as GPT in eval mode
+}
+
+
+def check_supported(model: nn.Module) -> None:
+    """A UserError unless `model` is a GPT whose every config value FastGPT implements."""
+    if not isinstance(model, GPT):
+        raise UserError(f"the engine runs GPT models only, not {type(model).__name__}")
+    c = model.config
+    for f in dataclasses.fields(c):
+        value, allowed = getattr(c, f.name), SUPPORTED.get(f.name)
+        if allowed is None:
+            raise UserError(f"FastGPT does not implement {type(c).__name__}.{f.name}={value!r} "
+                            "(a field it does not know); implement it in infer/fast.py")
+        if allowed != "any" and value not in allowed:
+            raise UserError(f"FastGPT does not implement {type(c).__name__}.{f.name}={value!r}; "
+                            f"use one of {', '.join(repr(v) for v in sorted(allowed))}")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -119,7 +149,6 @@ class Linear:
             dtype = torch.bfloat16
         w = w.to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.out_features = w.shape[0]
         self.packed = _can_pack(w)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(w) if self.packed else w
 
@@ -143,25 +172,6 @@ class Linear:
         return y if residual is None else y.add_(residual)
 
 
-def _c_norms(device: torch.device, dtype: torch.dtype) -> bool:
-    """RMSNorm through the C loop (kernels.rms_norm): on a CPU, PyTorch's is ~8 ops."""
-    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and kernels.available())
-
-
-def _norm(m: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The norm over rows (N, C) of the residual stream."""
-    w = m.weight.detach().to(dtype)
-    if isinstance(m, nn.LayerNorm):
-        b = None if m.bias is None else m.bias.detach().to(dtype)
-        return lambda x: F.layer_norm(x, m.normalized_shape, w, b, m.eps)
-    eps = m.eps if m.eps is not None else torch.finfo(dtype).eps
-    if _c_norms(w.device, dtype):
-        w32 = m.weight.detach().float().contiguous()
-        return lambda x: kernels.rms_norm(x[:, None], w32, eps).view(x.shape)
-    return lambda x: F.rms_norm(x, m.normalized_shape, w, eps)
-
-
 @dataclass
 class _Layer:
     norm1: Callable
@@ -175,45 +185,30 @@ class _Layer:
     mlp: str
 
 
-def _layer(block, weight_dtype: torch.dtype, dtype: torch.dtype,
-           attn_dtype: torch.dtype) -> _Layer:
-    a, m = block.attn, block.mlp
-
-    def cat(*mods):
-        w = torch.cat([x.weight for x in mods])
-        b = None if mods[0].bias is None else torch.cat([x.bias for x in mods])
-        return Linear(w, b, weight_dtype)
-
-    qk_norm = None
-    if a.q_norm is not None:
-        qk_norm = torch.stack([a.q_norm.weight, a.k_norm.weight]).detach().to(attn_dtype)
-    return _Layer(
-        norm1=_norm(block.norm1, dtype), qkv=cat(a.q, a.k, a.v), qk_norm=qk_norm,
-        qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
-        proj=Linear(a.proj.weight, a.proj.bias, weight_dtype), norm2=_norm(block.norm2, dtype),
-        up=cat(m.gate, m.fc) if m.kind == "swiglu" else Linear(m.fc.weight, m.fc.bias,
-                                                               weight_dtype),
-        down=Linear(m.proj.weight, m.proj.bias, weight_dtype), mlp=m.kind)
-
-
 class FastGPT:
     """A GPT's inference twin: `decode`, `hidden_states`, `logits` and `new_cache` as on
     `GPT`, over copies of its weights taken at construction (see `Engine`, which rebuilds it
-    when the model's weights change)."""
+    when the model's weights change). A config it does not implement is a UserError."""
 
     def __init__(self, model: GPT, dtype: torch.dtype | None = None):
+        check_supported(model)
         c = self.config = model.config
         p = model.lm_head.weight
         self.device, self.weight_dtype = p.device, dtype or p.dtype
-        # The activations' dtype: int8 weights compute with bf16 activations.
+        # Every dtype and kernel is chosen here, once: the cache, the steps and the norms follow
+        # these fields. Activations are bf16 for int8 weights, else in the weights' dtype.
         self.dtype = torch.bfloat16 if self.weight_dtype == torch.int8 else self.weight_dtype
-        # On a CPU, q, k and v are computed in fp32 (PyTorch's bf16 attention is slow there),
-        # and stored in bf16 where the C kernel can read them (see module doc).
+        # On a CPU, q, k and v are computed in fp32 (PyTorch's bf16 attention is slow there).
         cpu = self.device.type == "cpu"
         self.attn_dtype = torch.float32 if cpu else self.dtype
-        self.kv_dtype = self.attn_dtype
-        if cpu and self.dtype == torch.bfloat16 and kernels.available():
-            self.kv_dtype = torch.bfloat16
+        # The C loops (see module doc) run on a CPU where they could be built, on fp32 or bf16:
+        # RMSNorm (PyTorch's is ~8 ops there), and, with bf16 activations, a decode step's
+        # attention over a bf16 cache with keys in blocks. fp32 weights keep an fp32 cache, so
+        # that their logits equal GPT's.
+        fp32_or_bf16 = self.dtype in (torch.float32, torch.bfloat16)
+        self.c_norms = cpu and fp32_or_bf16 and kernels.available()
+        self.c_attention = self.c_norms and self.dtype == torch.bfloat16
+        self.kv_dtype = torch.bfloat16 if self.c_attention else self.attn_dtype
         self.tok_emb = model.tok_emb.weight.detach().to(self.dtype)
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach().to(
             self.dtype)
@@ -226,21 +221,50 @@ class FastGPT:
             half = sin.shape[-1] // 2
             signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
             self.rope = cos.to(self.attn_dtype), signed_sin.to(self.attn_dtype)
-        self.c_norms = _c_norms(self.device, self.attn_dtype)  # q and k's
-        self.layers = [_layer(b, self.weight_dtype, self.dtype, self.attn_dtype)
-                       for b in model.blocks]
-        self.norm_f = _norm(model.norm_f, self.dtype)
-        self.head = Linear(model.lm_head.weight, None, self.weight_dtype)
+        self.layers = [self._layer(b) for b in model.blocks]
+        self.norm_f = self._norm(model.norm_f)
+        self.head = self._linear(model.lm_head.weight, None)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                  pad: torch.Tensor | None = None) -> KVCache:
-        """The C kernel's cache (bf16, keys in blocks) when it runs here, unless `dtype` says
-        otherwise."""
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        return Linear(weight, bias, self.weight_dtype)
+
+    def _norm(self, m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The norm over rows (N, C) of the residual stream."""
+        w = m.weight.detach().to(self.dtype)
+        if isinstance(m, nn.LayerNorm):
+            b = None if m.bias is None else m.bias.detach().to(self.dtype)
+            return lambda x: F.layer_norm(x, m.normalized_shape, w, b, m.eps)
+        eps = m.eps if m.eps is not None else torch.finfo(self.dtype).eps
+        if self.c_norms:
+            w32 = m.weight.detach().float().contiguous()
+            return lambda x: kernels.rms_norm(x[:, None], w32, eps).view(x.shape)
+        return lambda x: F.rms_norm(x, m.normalized_shape, w, eps)
+
+    def _layer(self, block) -> _Layer:
+        a, m = block.attn, block.mlp
+
+        def cat(*mods):
+            w = torch.cat([x.weight for x in mods])
+            b = None if mods[0].bias is None else torch.cat([x.bias for x in mods])
+            return self._linear(w, b)
+
+        qk_norm = None
+        if a.q_norm is not None:
+            qk_norm = torch.stack([a.q_norm.weight, a.k_norm.weight]).detach().to(
+                self.attn_dtype)
+        return _Layer(
+            norm1=self._norm(block.norm1), qkv=cat(a.q, a.k, a.v), qk_norm=qk_norm,
+            qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
+            proj=self._linear(a.proj.weight, a.proj.bias), norm2=self._norm(block.norm2),
+            up=cat(m.gate, m.fc) if m.kind == "swiglu" else self._linear(m.fc.weight, m.fc.bias),
+            down=self._linear(m.proj.weight, m.proj.bias), mlp=m.kind)
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """A cache of `kv_dtype`; with keys in blocks when the C kernel's attention reads it."""
         c = self.config
-        kernel = dtype is None and self.kv_dtype != self.attn_dtype
         return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
-                       dtype or self.kv_dtype, self.device, pad,
-                       key_block=kernels.KEY_BLOCK if kernel else 0)
+                       self.kv_dtype, self.device, pad,
+                       key_block=kernels.KEY_BLOCK if self.c_attention else 0)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for `idx` continuing what `cache` holds. The
@@ -255,7 +279,7 @@ class FastGPT:
             rotary = tuple(t[positions].view(-1, T, 1, 1, D) for t in self.rope)
         # One decode step on the C kernel's cache: the kernel does all of attention after the
         # qkv matmul. It takes each row's first real position, and rotary rows (B or 1, D).
-        kernel = cache.key_block > 0 and T == 1
+        kernel = self.c_attention and T == 1
         if kernel:
             start = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
             rope = None if rotary is None else tuple(t.view(-1, D) for t in rotary)

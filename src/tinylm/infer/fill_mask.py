@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from tinylm.errors import UserError
+from tinylm.rundir import load_model, read_model_meta
 from tinylm.tokenizer import MASK, SPECIAL_TOKENS, Tokenizer
-from tinylm.train.checkpoint import load_model, read_model_meta
 
 PLACEHOLDER = "[MASK]"
 

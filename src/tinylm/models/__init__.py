@@ -12,6 +12,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "rnn": ("tinylm.models.rnn", "RNNEncoderDecoder", "RNNConfig"),
     "bert": ("tinylm.models.bert", "BertModel", "BertConfig"),
 }
+SEQ2SEQ_FAMILIES = ("transformer", "rnn")  # encoder-decoders: source and target tokenizers
 
 
 def family_classes(family: str) -> tuple[type, type]:

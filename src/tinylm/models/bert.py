@@ -19,14 +19,23 @@ norm, then a decoder tied to the token embeddings with a per-token bias (the uni
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.models.layers import Block, Rotary, check_stack_options, make_norm, mlp_hidden
+from tinylm.models.layers import (
+    Block,
+    Rotary,
+    check_stack_options,
+    count_params,
+    flops_per_token,
+    init_stack,
+    make_norm,
+    mlp_hidden,
+    optim_groups,
+)
 
 
 @dataclass
@@ -97,37 +106,21 @@ class BertModel(nn.Module):
         )
         self.norm_f = None if c.post_norm else make_norm(c.norm, c.d_model, c.bias)
         self.mlm_head = MLMHead(c)
-        self.apply(self._init)
-        if c.tie_embeddings:
+        init_stack(self, self.blocks, c.zero_init)
+        if c.tie_embeddings:  # tied after init, so the shared matrix is drawn once
             self.mlm_head.decoder.weight = self.tok_emb.weight
-        for block in self.blocks:  # residual-branch outputs: zero, or scaled down as GPT-2
-            for proj in (block.attn.proj, block.mlp.proj):
-                if c.zero_init:
-                    nn.init.zeros_(proj.weight)
-                else:
-                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layer))
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear | nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
     def num_params(self, embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
-        if not embeddings:
-            n -= self.tok_emb.weight.numel()
-            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
-        return n
+        return count_params(self, embeddings)
 
     def flops_per_token(self, T: int | None = None) -> float:
-        """Training FLOPs per input token (forward + backward), PaLM-style: 6 per
-        non-embedding weight plus attention's 12 * n_layer * d_model * T. An upper bound: the
-        vocabulary projection only runs on the masked ~15% of positions."""
-        c = self.config
-        T = T or c.block_size
-        return 6 * self.num_params(embeddings=False) + 12 * c.n_layer * c.d_model * T
+        """An upper bound: the vocabulary projection only runs on the masked ~15%."""
+        return flops_per_token(self, T)
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The MLM head's dense layer is a hidden matrix like the blocks' (Muon); only the
+        token/position tables and the decoder are tables."""
+        return optim_groups(self, [self.tok_emb, self.pos_emb, self.mlm_head.decoder])
 
     def padding_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
         """Boolean (B, 1, 1, T): True where a key is a real token. None when nothing is

@@ -9,14 +9,24 @@ width and heads follow (d_model = 64 * depth, one head per 64 dims), as in nanoc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.models.layers import Block, KVCache, Rotary, check_stack_options, make_norm, mlp_hidden
+from tinylm.models.layers import (
+    Block,
+    KVCache,
+    Rotary,
+    check_stack_options,
+    count_params,
+    flops_per_token,
+    init_stack,
+    make_norm,
+    mlp_hidden,
+    optim_groups,
+)
 
 
 @dataclass
@@ -75,34 +85,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init)
-        for block in self.blocks:  # residual-branch outputs: zero, or scaled down as GPT-2
-            for proj in (block.attn.proj, block.mlp.proj):
-                if c.zero_init:
-                    nn.init.zeros_(proj.weight)
-                else:
-                    nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layer))
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear | nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+        init_stack(self, self.blocks, c.zero_init)
 
     def num_params(self, embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.tok_emb.weight.numel()
-            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
-        return n
+        return count_params(self, embeddings)
 
     def flops_per_token(self, T: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix:
-        6 per non-embedding weight, plus attention's 12 * n_layer * d_model * T."""
-        c = self.config
-        T = T or c.block_size
-        return 6 * self.num_params(embeddings=False) + 12 * c.n_layer * c.d_model * T
+        return flops_per_token(self, T)
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        return optim_groups(self, [self.tok_emb, self.pos_emb, self.lm_head])
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T = idx.shape

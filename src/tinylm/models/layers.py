@@ -304,3 +304,59 @@ class Block(nn.Module):
             else:
                 x = x + self.drop(f(norm(x)))
         return x
+
+
+# --- what GPT and BERT share: initialisation, sizes, optimizer groups ------------------------
+def init_stack(model: nn.Module, blocks: nn.ModuleList, zero_init: bool) -> None:
+    """GPT-2's initialisation: N(0, 0.02) for every Linear and Embedding, zero biases; the
+    residual branches' output projections start at zero (modded-nanogpt), or scaled down by
+    sqrt(2 * n_layer) as GPT-2 does."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    for block in blocks:
+        for proj in (block.attn.proj, block.mlp.proj):
+            if zero_init:
+                nn.init.zeros_(proj.weight)
+            else:
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * len(blocks)))
+
+
+def count_params(model: nn.Module, embeddings: bool = True) -> int:
+    """Parameters of a token stack (a tied weight counts once); without its token and
+    position tables when `embeddings` is False."""
+    n = sum(p.numel() for p in model.parameters())
+    if not embeddings:
+        n -= model.tok_emb.weight.numel()
+        n -= model.pos_emb.weight.numel() if model.pos_emb is not None else 0
+    return n
+
+
+def flops_per_token(model: nn.Module, T: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix: 6 per
+    non-embedding weight, plus attention's 12 * n_layer * d_model * T."""
+    c = model.config
+    T = T or c.block_size
+    return 6 * count_params(model, embeddings=False) + 12 * c.n_layer * c.d_model * T
+
+
+def optim_groups(model: nn.Module, tables: list[nn.Module | None]
+                 ) -> dict[str, list[nn.Parameter]]:
+    """The model's trainable parameters by how the optimizer treats them:
+    'matrix': the 2-D weights inside the network (Muon takes these);
+    'embed': the weights of `tables`, the token/position tables and output heads, whose rows
+    are looked up or scored one token at a time (AdamW: orthogonalising them makes no sense);
+    'other': vectors, i.e. norms and biases (AdamW, no weight decay).
+    A tied weight appears once."""
+    table_ids = {id(p) for m in tables if m is not None for p in m.parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "other": []}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        kind = "embed" if id(p) in table_ids else "matrix" if p.ndim == 2 else "other"
+        groups[kind].append(p)
+    return groups

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from tinylm.models.layers import optim_groups
+
 
 @dataclass
 class RNNConfig:
@@ -179,6 +181,9 @@ class RNNEncoderDecoder(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        return optim_groups(self, [self.src_emb, self.tgt_emb, self.generator])
 
     def start(self, src: torch.Tensor, max_len: int | None = None) -> RNNState:
         """Encode the source (B, S); the decoder starts from the encoder's final state."""

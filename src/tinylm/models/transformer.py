@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.models.layers import Block, KVCache, make_norm, sinusoidal_positions
+from tinylm.models.layers import Block, KVCache, make_norm, optim_groups, sinusoidal_positions
 
 
 @dataclass
@@ -165,6 +165,9 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        return optim_groups(self, [self.src_emb, self.tgt_emb, self.generator])
 
     def source_mask(self, src: torch.Tensor) -> torch.Tensor:
         """(B, 1, 1, S) boolean, True where a query may attend: every non-padding token."""

@@ -1,1 +1,43 @@
-"""Stage entry points: each reads a config (and maybe an --init run) and writes a run dir."""
+"""The stages: one entry point each, `run(cfg, resume=False) -> metrics`, listed in one table
+that the CLI builds its training commands from (and the pipeline will read).
+
+Each stage reads its config (a dataclass), writes a run dir, and returns its last metrics.
+The table names modules and classes as strings, as models.FAMILIES does, so listing the stages
+(`tinylm --help`) imports no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the CLI subcommand
+    module: str  # tinylm.stages.<module>, which defines run(cfg, resume=False)
+    config_name: str  # the config dataclass in that module
+    preset: str  # the default --config
+    help: str
+    doing: str  # what it prints before it starts: "{doing} into runs/x"
+
+    @property
+    def config_cls(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config_name)
+
+    @property
+    def run(self) -> Callable[..., dict[str, Any]]:
+        return importlib.import_module(self.module).run
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("pretrain", "tinylm.stages.pretrain", "PretrainConfig", "shakespeare-char",
+          "pre-train a GPT on raw text", "pretraining"),
+    Stage("mlm", "tinylm.stages.mlm", "MLMConfig", "mlm-tinystories",
+          "train a masked language model (BERT)", "training a masked LM"),
+    Stage("seq2seq", "tinylm.stages.seq2seq", "Seq2SeqConfig", "seq2seq-transformer",
+          "train an encoder-decoder (Transformer or RNN) on pairs",
+          "training an encoder-decoder"),
+]}

@@ -1,4 +1,5 @@
-"""What every stage does around the training loop: prepare the run dir, seed batches."""
+"""What every stage does around the training loop: prepare the run dir, load its config,
+seed batches, tokenize the corpus, build or --init the model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from pathlib import Path
 import torch
 
 from tinylm import config as configlib
+from tinylm.data.text import load_text
+from tinylm.data.tokens import DataConfig, TokenData, encode_cached
 from tinylm.errors import UserError
+from tinylm.rundir import load_model
+from tinylm.tokenizer import Tokenizer
+from tinylm.tokenizer import train as train_tokenizer
 
 
 def prepare_run_dir(out: str | Path, resume: bool) -> Path:
@@ -45,14 +51,10 @@ def batch_generator(seed: int, step: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + k)
 
 
-def prepare_tokens(run_dir: Path, data_cfg, init: str, resume: bool):
+def prepare_tokens(run_dir: Path, data_cfg: DataConfig, init: str, resume: bool
+                   ) -> tuple[Tokenizer, TokenData]:
     """The corpus as cached token ids, with the tokenizer of the run (on resume), of the
     --init run, or freshly trained on the corpus. Returns (tokenizer, TokenData)."""
-    from tinylm.data.text import load_text
-    from tinylm.data.tokens import TokenData, encode_cached
-    from tinylm.tokenizer import Tokenizer
-    from tinylm.tokenizer import train as train_tokenizer
-
     text = load_text(data_cfg.corpus)
     if resume:
         tok = Tokenizer.load(run_dir / "tokenizer.json")
@@ -66,10 +68,8 @@ def prepare_tokens(run_dir: Path, data_cfg, init: str, resume: bool):
 def build_or_init(model_cfg, model_cls, init: str, tok, seed: int):
     """A fresh `model_cls(model_cfg)` (vocab_size 0 = the tokenizer's), or the --init run's
     model with this config's block_size and dropout. Returns (model, resolved config)."""
-    from tinylm.train import checkpoint
-
     if init:
-        model = checkpoint.load_model(Path(init), family=model_cls.family)
+        model = load_model(Path(init), family=model_cls.family)
         old = model.config
         if model_cfg.block_size > old.block_size and old.pos == "learned":
             raise UserError(f"model.block_size={model_cfg.block_size} is over the "

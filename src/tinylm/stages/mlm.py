@@ -15,6 +15,7 @@ import torch
 from tinylm import config as configlib
 from tinylm import viz
 from tinylm.data.mlm import Masker, MaskingConfig
+from tinylm.data.tokens import DataConfig
 from tinylm.errors import UserError
 from tinylm.eval.mlm import mlm_metrics
 from tinylm.models.bert import BertConfig, BertModel
@@ -24,7 +25,7 @@ from tinylm.stages.common import (
     prepare_run_dir,
     prepare_tokens,
 )
-from tinylm.stages.pretrain import DataConfig
+from tinylm.train import objectives
 from tinylm.train.loop import TrainConfig, train
 
 
@@ -43,7 +44,7 @@ class MLMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def train_mlm(cfg: MLMConfig, resume: bool = False) -> dict[str, Any]:
+def run(cfg: MLMConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) the masked LM described by `cfg`; returns the last metrics, with
     val_loss, val_ppl and val_acc (held-out masked-token accuracy) from the final eval."""
     run_dir = prepare_run_dir(cfg.out, resume)
@@ -69,7 +70,7 @@ def train_mlm(cfg: MLMConfig, resume: bool = False) -> dict[str, Any]:
         windows = (x for x, _ in data.val_batches(cfg.data.eval_batch_size, T))
         return mlm_metrics(m, windows, masker, cfg.masking.eval_seed, cfg.data.eval_tokens)
 
-    result = train(model, cfg.train, run_dir, batch_fn, eval_fn=eval_fn, resume=resume,
-                   flops_per_token=model.flops_per_token(T))
+    result = train(model, objectives.masked_lm, batch_fn, cfg.train, run_dir, eval_fn=eval_fn,
+                   resume=resume, flops_per_token=model.flops_per_token(T))
     viz.plot_metrics(run_dir)
     return result

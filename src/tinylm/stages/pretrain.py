@@ -8,7 +8,7 @@ from typing import Any
 
 from tinylm import config as configlib
 from tinylm import viz
-from tinylm.data.tokens import TokenData
+from tinylm.data.tokens import DataConfig, TokenData
 from tinylm.models.gpt import GPT, GPTConfig
 from tinylm.stages.common import (
     batch_generator,
@@ -16,17 +16,8 @@ from tinylm.stages.common import (
     prepare_run_dir,
     prepare_tokens,
 )
+from tinylm.train import objectives
 from tinylm.train.loop import TrainConfig, train
-
-
-@dataclass
-class DataConfig:
-    corpus: str = "tinyshakespeare"  # shipped corpus name, a file, or a folder
-    tokenizer: str = "char"  # char | bpe
-    vocab_size: int = 4096  # bpe only
-    val_fraction: float = 0.1  # the last 10% of tokens
-    eval_batch_size: int = 32
-    eval_tokens: int = 0  # cap on validation tokens per eval; 0 = the whole split
 
 
 @dataclass
@@ -50,7 +41,9 @@ def val_loss(model: GPT, data: TokenData, cfg: DataConfig, T: int) -> float:
     return total / max(count, 1)
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
+def run(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Pre-train (or resume) the GPT described by `cfg`; returns the last metrics, with
+    val_loss and val_ppl from the final eval."""
     run_dir = prepare_run_dir(cfg.out, resume)
     tok, data = prepare_tokens(run_dir, cfg.data, cfg.init, resume)
     model, cfg.model = build_or_init(cfg.model, GPT, cfg.init, tok, cfg.train.seed)
@@ -64,7 +57,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
     def batch_fn(step: int, k: int):
         return data.batch(cfg.train.batch_size, T, batch_generator(cfg.train.seed, step, k))
 
-    result = train(model, cfg.train, run_dir, batch_fn,
+    result = train(model, objectives.causal_lm, batch_fn, cfg.train, run_dir,
                    eval_fn=lambda m: {"val_loss": val_loss(m, data, cfg.data, T)},
                    resume=resume, flops_per_token=model.flops_per_token(T))
     viz.plot_metrics(run_dir)

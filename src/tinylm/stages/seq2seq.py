@@ -36,17 +36,17 @@ from tinylm.data.pairs import (
 )
 from tinylm.errors import UserError
 from tinylm.eval.translation import exact_match, score
+from tinylm.files import atomic_write_text
 from tinylm.infer.beam import translate
+from tinylm.models import SEQ2SEQ_FAMILIES
 from tinylm.models.rnn import RNNConfig, RNNEncoderDecoder
 from tinylm.models.transformer import Transformer, TransformerConfig
+from tinylm.rundir import load_model, load_seq2seq, save_tokenizers
 from tinylm.stages.common import batch_generator, prepare_run_dir
 from tinylm.tokenizer import Tokenizer
 from tinylm.tokenizer import train as train_tokenizer
-from tinylm.train import checkpoint
+from tinylm.train import objectives
 from tinylm.train.loop import TrainConfig, train
-
-TARGET_TOKENIZER = "tokenizer-target.json"
-FAMILIES = ("transformer", "rnn")
 
 
 @dataclass
@@ -81,22 +81,13 @@ class Seq2SeqConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family={self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.family not in SEQ2SEQ_FAMILIES:
+            raise ValueError(f"family={self.family!r} is not one of "
+                             f"{', '.join(SEQ2SEQ_FAMILIES)}")
 
     @property
     def model(self) -> TransformerConfig | RNNConfig:
         return self.transformer if self.family == "transformer" else self.rnn
-
-
-def load_seq2seq(run_dir: str | Path, device: str = "cpu"):
-    """(model, source tokenizer, target tokenizer) of a seq2seq run, model in eval mode."""
-    run_dir = Path(run_dir)
-    model = checkpoint.load_model(run_dir, family=FAMILIES, device=device).eval()
-    src_tok = Tokenizer.load(run_dir / "tokenizer.json")
-    tgt_path = run_dir / TARGET_TOKENIZER
-    tgt_tok = Tokenizer.load(tgt_path) if tgt_path.is_file() else src_tok
-    return model, src_tok, tgt_tok
 
 
 def build_model(cfg: Seq2SeqConfig):
@@ -162,20 +153,19 @@ def evaluate_translations(model, src_tok: Tokenizer, tgt_tok: Tokenizer, held: l
     return out
 
 
-def seq2seq(cfg: Seq2SeqConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+def run(cfg: Seq2SeqConfig, resume: bool = False) -> dict[str, Any]:
     """Train an encoder-decoder on sentence pairs, then score it on the held-out split."""
-    say = (lambda *a: None) if quiet else print
     run_dir = prepare_run_dir(cfg.out, resume)
     pairs_file = read_pairs(cfg.data.pairs, cfg.data.on_error)
     if pairs_file.skipped:
-        say(f"skipped {len(pairs_file.skipped)} malformed lines; first: "
+        print(f"skipped {len(pairs_file.skipped)} malformed lines; first: "
             f"{pairs_file.skipped[0]}")
     train_pairs, held = split_pairs(pairs_file.pairs, cfg.data.val_fraction, cfg.data.split_seed)
     src_tok, tgt_tok = _tokenizers(cfg, run_dir, train_pairs, resume)
 
     mcfg = cfg.model
     if cfg.init:
-        model = checkpoint.load_model(Path(cfg.init), family=cfg.family)
+        model = load_model(Path(cfg.init), family=cfg.family)
         mcfg = model.config
         setattr(cfg, cfg.family, mcfg)
     else:
@@ -195,16 +185,14 @@ def seq2seq(cfg: Seq2SeqConfig, resume: bool = False, quiet: bool = False) -> di
         raise UserError(f"no training pairs fit {cfg.family}.block_size={mcfg.block_size}; "
                         "raise it or give more pairs")
     if dropped:
-        say(f"dropped {dropped} training pairs longer than {cfg.family}.block_size="
+        print(f"dropped {dropped} training pairs longer than {cfg.family}.block_size="
             f"{mcfg.block_size} tokens")
-    say(f"{cfg.family}: {model.num_params() / 1e6:.2f}M parameters, {len(data)} training pairs, "
+    print(f"{cfg.family}: {model.num_params() / 1e6:.2f}M parameters, {len(data)} training pairs, "
         f"{len(held)} held-out pairs ({len(references(held)[0])} distinct sources)")
 
     if not resume:
         configlib.save(cfg, run_dir / "config.toml")
-        src_tok.save(run_dir / "tokenizer.json")
-        if tgt_tok is not src_tok:
-            tgt_tok.save(run_dir / TARGET_TOKENIZER)
+        save_tokenizers(run_dir, src_tok, tgt_tok)
 
     def batch_fn(step: int, k: int):
         return data.batch(cfg.train.batch_size, batch_generator(cfg.train.seed, step, k))
@@ -212,7 +200,8 @@ def seq2seq(cfg: Seq2SeqConfig, resume: bool = False, quiet: bool = False) -> di
     def eval_fn(m) -> dict[str, float]:
         return {"val_loss": val_loss(m, held_data, cfg.data.eval_batch_size)} if held else {}
 
-    result = train(model, cfg.train, run_dir, batch_fn, eval_fn, resume=resume)
+    result = train(model, objectives.seq2seq, batch_fn, cfg.train, run_dir, eval_fn,
+                   resume=resume)
     viz.plot_metrics(run_dir)
     if held:
         model.eval()
@@ -223,13 +212,13 @@ def seq2seq(cfg: Seq2SeqConfig, resume: bool = False, quiet: bool = False) -> di
                    "val_loss": result.get("val_loss")}
         if cfg.family == "rnn":
             scores["attention"] = cfg.rnn.attention
-        checkpoint.atomic_write_text(run_dir / "translation.json", json.dumps(scores, indent=2))
+        atomic_write_text(run_dir / "translation.json", json.dumps(scores, indent=2))
         for s in scores["samples"]:
-            say(f"  {s['src']!r} -> {s['hyp']!r}   (reference: {s['refs'][0]!r})")
+            print(f"  {s['src']!r} -> {s['hyp']!r}   (reference: {s['refs'][0]!r})")
         for name in ("greedy", "beam"):
             if name in scores:
                 m = scores[name]
-                say(f"held-out {name}: BLEU {m['bleu']:.1f}  chrF {m['chrf']:.1f}  "
+                print(f"held-out {name}: BLEU {m['bleu']:.1f}  chrF {m['chrf']:.1f}  "
                     f"exact {m['exact']:.1%}")
         result |= {"bleu": scores["best"]["bleu"], "chrf": scores["best"]["chrf"]}
     return result

@@ -2,7 +2,8 @@
 
 `build_optimizers` splits parameters the way modded-nanogpt does: the 2-D weight matrices
 inside the network go to Muon (momentum, then orthogonalised by a Newton-Schulz iteration),
-everything else (embeddings, the output head, norms, biases) goes to AdamW. With
+everything else (embeddings, the output head, norms, biases) goes to AdamW. Which tensor is
+which, each model says itself (`model.optim_groups()`), not a match on parameter names. With
 `optimizer = "adamw"` AdamW takes everything, with weight decay on matrices only.
 """
 
@@ -40,6 +41,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, cooldown: float
         progress = (step - decay_start) / max(1.0, total - decay_start)
         return 1.0 - (1 - min_factor) * min(1.0, progress)
     raise ValueError(f"unknown schedule {schedule!r}; use cosine, wsd or constant")
+
+
+def decay_start(total: int, warmup: int, schedule: str, cooldown: float) -> float:
+    """The step where the LR starts to fall: until then the LR does not depend on `total`,
+    so a time budget may still move `total` without changing the steps already taken."""
+    if schedule == "constant":
+        return math.inf
+    if schedule == "cosine":
+        return warmup
+    return max(warmup, total * (1 - cooldown))
 
 
 @torch.no_grad()
@@ -90,36 +101,29 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
 
 
-def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    return p.ndim == 2 and not any(s in name for s in ("emb", "head", "lm_head", "generator"))
-
-
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """The optimizers for `model` under `cfg`; each param group keeps its base LR in 'base_lr'."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    seen: set[int] = set()
-    unique = []
-    for n, p in named:  # tied weights appear once
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append((n, p))
-    matrices = [p for n, p in unique if _is_hidden_matrix(n, p)]
-    embeds_heads = [p for n, p in unique if p.ndim == 2 and not _is_hidden_matrix(n, p)]
-    others = [p for n, p in unique if p.ndim != 2]
-    fused = {"fused": True} if _fused_ok(unique) else {}
+    """The optimizers for `model` under `cfg`, over the groups the model names itself
+    (`model.optim_groups()`: 'matrix', 'embed', 'other'). Each param group keeps its name in
+    'name' and its base LR in 'base_lr'."""
+    groups = {name: ps for name, ps in model.optim_groups().items() if ps}
+    fused = {"fused": True} if _fused_ok([p for ps in groups.values() for p in ps]) else {}
     betas = (cfg.beta1, cfg.beta2)
+
+    def adam_groups(names: tuple[str, ...], decay: tuple[str, ...]) -> list[dict]:
+        return [dict(name=n, params=groups[n], lr=cfg.lr,
+                     weight_decay=cfg.weight_decay if n in decay else 0.0)
+                for n in names if n in groups]
+
     if cfg.optimizer == "muon":
-        adam = torch.optim.AdamW(
-            [dict(params=embeds_heads, lr=cfg.lr, weight_decay=0.0),
-             dict(params=others, lr=cfg.lr, weight_decay=0.0)],
-            betas=betas, eps=1e-10, **fused)
-        muon = Muon(matrices, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-        opts: list[torch.optim.Optimizer] = [adam, muon]
-    elif cfg.optimizer == "adamw":
-        opts = [torch.optim.AdamW(
-            [dict(params=matrices + embeds_heads, weight_decay=cfg.weight_decay),
-             dict(params=others, weight_decay=0.0)],
-            lr=cfg.lr, betas=betas, eps=1e-8, **fused)]
+        opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+            adam_groups(("embed", "other"), decay=()), betas=betas, eps=1e-10, **fused)]
+        if "matrix" in groups:
+            opts.append(Muon([dict(name="matrix", params=groups["matrix"])], lr=cfg.muon_lr,
+                             weight_decay=cfg.weight_decay))
+    elif cfg.optimizer == "adamw":  # weight decay on matrices only
+        opts = [torch.optim.AdamW(adam_groups(("matrix", "embed", "other"),
+                                              decay=("matrix", "embed")),
+                                  betas=betas, eps=1e-8, **fused)]
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use adamw or muon")
     for opt in opts:
@@ -128,6 +132,16 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     return opts
 
 
-def _fused_ok(named) -> bool:
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> dict[str, float]:
+    """Every group's LR = its base LR * `factor`; returns {'lr_<group name>': LR} to log."""
+    lrs = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+            lrs[f"lr_{group['name']}"] = group["lr"]
+    return lrs
+
+
+def _fused_ok(params: list[torch.Tensor]) -> bool:
     # Fused AdamW exists for CPU and CUDA float tensors in recent PyTorch.
-    return all(p.dtype in (torch.float32, torch.bfloat16) for _, p in named)
+    return all(p.dtype in (torch.float32, torch.bfloat16) for p in params)
