@@ -45,12 +45,12 @@ def main() -> None:
     ap.add_argument("--skip-10min", action="store_true")
     ap.add_argument("--skip-nanogpt", action="store_true")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run (as `run_all.py --quick` passes): the fast preset for 5 s")
+                    help="a smoke run (what `run_all.py --quick` passes): 12 fast steps")
     args = ap.parse_args()
     if args.quick:
         args.skip_10min = args.skip_nanogpt = True
     rows = []
-    wall, r = run("shakespeare-char-fast", ["train.time_budget=5.0"] if args.quick else [])
+    wall, r = run("shakespeare-char-fast", ["train.steps=12"] if args.quick else [])
     rows.append(("tinylm `shakespeare-char-fast`", wall, r, "<= 1.886 in <= 51 s"))
     if not args.skip_nanogpt:
         wall, r = run("nanogpt-shakespeare-char", NANOGPT_CPU)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
 import time
 from pathlib import Path
 
 import torch
+
+from tinylm.files import atomic_write_text
 
 # Every dtype name tinylm takes, for training (pick_dtype) and for inference weights
 # (infer/fast.py). int8 is inference's only: weights quantized per output row.
@@ -21,23 +26,56 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU does bf16 arithmetic natively (AVX512-BF16 or AMX)."""
+def _machine_key() -> str:
+    """What a measured speed depends on: the CPU model, PyTorch's version, the threads."""
+    model = ""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        model = next((ln.split(":", 1)[1].strip() for ln in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("model name")), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return f"{model or platform.processor()}|torch {torch.__version__}|{torch.get_num_threads()}"
+
+
+@functools.cache
+def cpu_bf16_is_fast() -> bool:
+    """Whether bf16 matmuls beat fp32 ones on this CPU, measured (never read off CPU flags:
+    with AVX512-BF16 or AMX bf16 runs 2-10x faster, without them 10-50x slower) on the
+    256-wide matrices a small model multiplies, with a margin so noise cannot flip it. The
+    answer is cached per machine in $TINYLM_CACHE/perf.json, so every process on the machine
+    (a run and its --resume) takes the same path."""
+    path = Path(os.environ.get("TINYLM_CACHE") or Path.home() / ".cache" / "tinylm")
+    path = path / "perf.json"
+    key = _machine_key()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        cached = {}
+    if key not in cached:
+        bf16 = matmul_peak_flops(torch.bfloat16, "cpu", 256, 0.1)
+        fp32 = matmul_peak_flops(torch.float32, "cpu", 256, 0.1)
+        cached[key] = {"bf16_fast": bf16 > 1.2 * fp32, "bf16_flops": bf16, "fp32_flops": fp32}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cached, indent=2))
+    return bool(cached[key]["bf16_fast"])
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where it is the faster matmul (CUDA, and CPUs where it measured faster), else
+    fp32: for arithmetic whose precision bf16 is enough for (Muon's Newton-Schulz)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and cpu_bf16_is_fast() else torch.float32
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 autocast where the hardware has it (measured faster for models of ~10M
+    """'auto' is bf16 autocast where bf16 matmuls measured faster (for models of ~10M
     parameters; see docs/training.md), fp32 elsewhere."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return fast_dtype(device)
     if name not in DTYPES or DTYPES[name] == torch.int8:  # int8: for inference, not training
         raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
     return DTYPES[name]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from tinylm.perf import fast_dtype
+
 if TYPE_CHECKING:
     from tinylm.train.loop import TrainConfig
 
@@ -54,14 +56,16 @@ def decay_start(total: int, warmup: int, schedule: str, cooldown: float) -> floa
 
 
 @torch.no_grad()
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T of g = U S V^T, by a quintic Newton-Schulz iteration in bf16.
+def orthogonalize(g: torch.Tensor, steps: int = 5,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately U V^T of g = U S V^T, by a quintic Newton-Schulz iteration in `dtype`
+    (bf16 is precise enough, and fast where the hardware has it; fp32 where it has not).
 
     The coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's: they push all singular
     values towards 1 fast, without needing them to converge exactly.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T
@@ -80,8 +84,9 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, ns_dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.ns_dtype = ns_dtype  # the Newton-Schulz iteration's
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,7 +100,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # nesterov
-                update = orthogonalize(update) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                update = orthogonalize(update, dtype=self.ns_dtype)
+                update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"])
@@ -118,8 +124,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
         opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
             adam_groups(("embed", "other"), decay=()), betas=betas, eps=1e-10, **fused)]
         if "matrix" in groups:
+            device = groups["matrix"][0].device
             opts.append(Muon([dict(name="matrix", params=groups["matrix"])], lr=cfg.muon_lr,
-                             weight_decay=cfg.weight_decay))
+                             weight_decay=cfg.weight_decay, ns_dtype=fast_dtype(device)))
     elif cfg.optimizer == "adamw":  # weight decay on matrices only
         opts = [torch.optim.AdamW(adam_groups(("matrix", "embed", "other"),
                                               decay=("matrix", "embed")),
