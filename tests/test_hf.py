@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from tinylm import config as configlib
+from tinylm import rundir
 from tinylm.cli import main
 from tinylm.hf import export_hf, gpt2_names, hf_architecture, import_hf
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 from tinylm.rundir import save_model
 from tinylm.stages.pretrain import PretrainConfig
-from tinylm.tokenizer import EOS, train_bpe, train_char
+from tinylm.tokenizer import EOS, Tokenizer, train_bpe, train_char
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", module="transformers")
@@ -289,3 +290,45 @@ def test_import_refuses_pickle_weights(tmp_path, capsys):
     (hf_dir / "pytorch_model.bin").write_bytes(b"not loaded")
     assert main(["import-hf", str(hf_dir), str(tmp_path / "run")]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+CONVERSATION = [{"role": "system", "content": "You tell stories."},
+                {"role": "user", "content": "A dog."},
+                {"role": "assistant", "content": "Once upon a time, a dog."},
+                {"role": "user", "content": "More!"}]
+
+
+def test_the_chat_template_travels_to_transformers(tmp_path, tok):
+    """export-hf writes the run's template; apply_chat_template gives tinylm's ids."""
+    from tinylm.data.chat import render
+
+    make_run(tmp_path / "run", gpt2_style(**SMALL), tok)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    fast = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for gen in (False, True):
+        theirs = fast.apply_chat_template(CONVERSATION, tokenize=True,
+                                          add_generation_prompt=gen)
+        theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+        assert list(theirs) == render(tok, CONVERSATION, add_generation_prompt=gen).ids
+
+
+def test_an_imported_model_keeps_its_own_chat_template(tmp_path):
+    """ChatML over the checkpoint's tokens; a renamed special token (</s> is the EOS, which
+    tinylm names <|eos|>) is renamed in the template too, so the ids do not change."""
+    from tinylm.data.chat import render
+
+    hf_dir = tmp_path / "hf"
+    fast = hf_tokenizer_llama(hf_dir)
+    fast.chat_template = ("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['content'] "
+                          "+ '</s>' }}{% endfor %}{% if add_generation_prompt %}"
+                          "{{ '<s>assistant: ' }}{% endif %}")
+    fast.save_pretrained(str(hf_dir))
+    hf_model("llama", fast).save_pretrained(str(hf_dir))
+    import_hf(hf_dir, tmp_path / "run")
+    template = rundir.chat_template(tmp_path / "run")
+    assert "<|eos|>" in template and "</s>" not in template
+    ours = render(Tokenizer.load(tmp_path / "run" / "tokenizer.json"), CONVERSATION, template)
+    theirs = fast.apply_chat_template(CONVERSATION, tokenize=True)
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+    assert ours.ids == list(theirs)
+    assert sum(ours.mask) > 0

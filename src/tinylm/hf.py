@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from tinylm import rundir
 from tinylm.errors import UserError
 from tinylm.files import atomic_save_tensors, atomic_write_text
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
@@ -161,11 +162,13 @@ LLAMA_NAMES = [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm
                ("mlp.proj", "mlp.down_proj")]
 
 
-def tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, str]:
-    """tokenizer.json plus the small JSON files PreTrainedTokenizerFast reads."""
+def tokenizer_files(tok: Tokenizer, block_size: int, chat_template: str) -> dict[str, str]:
+    """tokenizer.json plus the small JSON files PreTrainedTokenizerFast reads; the run's chat
+    template goes where transformers' apply_chat_template finds it."""
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-              "clean_up_tokenization_spaces": False, "add_bos_token": False, **special}
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, **special,
+              "chat_template": chat_template}
     return {"tokenizer.json": tok.to_str(),
             "tokenizer_config.json": json.dumps(config, indent=2),
             "special_tokens_map.json": json.dumps(special, indent=2)}
@@ -185,7 +188,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
                       json.dumps(hf_config(model.config, arch, tok), indent=2))
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     atomic_write_text(out_dir / "generation_config.json", json.dumps(gen, indent=2))
-    for name, text in tokenizer_files(tok, model.config.block_size).items():
+    files = tokenizer_files(tok, model.config.block_size, rundir.chat_template(run_dir))
+    for name, text in files.items():
         atomic_write_text(out_dir / name, text)
     return out_dir
 
@@ -330,8 +334,9 @@ def tinylm_state_dict(hf: dict[str, torch.Tensor], c: GPTConfig, kind: str, n_kv
     return sd
 
 
-def import_tokenizer(hf_dir: Path, cfg: dict[str, Any]) -> Tokenizer:
-    """The checkpoint's tokenizer with tinylm's special tokens (see the module docstring)."""
+def import_tokenizer(hf_dir: Path, cfg: dict[str, Any]) -> tuple[Tokenizer, dict[str, str]]:
+    """The checkpoint's tokenizer with tinylm's special tokens (see the module docstring), and
+    the special tokens it renamed ({old: new}), which its chat template must follow."""
     path = hf_dir / "tokenizer.json"
     if path.is_file():
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -343,7 +348,7 @@ def import_tokenizer(hf_dir: Path, cfg: dict[str, Any]) -> Tokenizer:
         value = value[0] if isinstance(value, list) and value else value
         if isinstance(value, int) and value not in roles and name not in roles.values():
             roles[value] = name
-    _rename_tokens(data, roles)
+    renames = _rename_tokens(data, roles)
     data["post_processor"] = None  # tinylm adds BOS itself where it wants one
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
@@ -351,24 +356,43 @@ def import_tokenizer(hf_dir: Path, cfg: dict[str, Any]) -> Tokenizer:
     hf = HFTokenizer.from_str(json.dumps(data))
     missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    return Tokenizer(hf)
+    return Tokenizer(hf), renames
 
 
-def _rename_tokens(data: dict[str, Any], roles: dict[int, str]) -> None:
+def import_chat_template(hf_dir: Path, renames: dict[str, str]) -> str | None:
+    """The checkpoint's own Jinja chat template (tokenizer_config.json or
+    chat_template.jinja), with renamed special tokens spelled as they are now."""
+    template = None
+    if (hf_dir / "chat_template.jinja").is_file():
+        template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (hf_dir / "tokenizer_config.json").is_file():
+        template = json.loads((hf_dir / "tokenizer_config.json").read_text()).get(
+            "chat_template")
+    if not isinstance(template, str):
+        return None
+    for old, new in renames.items():
+        template = template.replace(old, new)
+    return template
+
+
+def _rename_tokens(data: dict[str, Any], roles: dict[int, str]) -> dict[str, str]:
     """Give the special tokens with ids in `roles` tinylm's names, in the added tokens and the
     model vocab. An id that is an ordinary token (merges may build on it) keeps its name."""
     vocab = data.get("model", {}).get("vocab")
     added = {t["id"]: t for t in data.get("added_tokens", []) if t.get("special")}
+    renames = {}
     for i, name in roles.items():
         if i not in added:
             continue
         old = added[i]["content"]
         added[i]["content"] = name
+        renames[old] = name
         if isinstance(vocab, dict) and vocab.get(old) == i:
             del vocab[old]
             vocab[name] = i
         elif isinstance(vocab, list) and i < len(vocab) and vocab[i][0] == old:  # Unigram
             vocab[i] = [name, vocab[i][1]]
+    return renames
 
 
 def _fast_tokenizer_json(hf_dir: Path) -> str:
@@ -409,7 +433,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> list[str]:
     cfg = read_hf_config(hf_dir)
     notes: list[str] = []
     c = gpt_config(cfg, notes)
-    tok = import_tokenizer(hf_dir, cfg)
+    tok, renames = import_tokenizer(hf_dir, cfg)
     hf = read_hf_weights(hf_dir)
     n_kv = cfg.get("num_key_value_heads") or c.n_head
     try:
@@ -435,6 +459,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> list[str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_model(run_dir, model)
     tok.save(run_dir / "tokenizer.json")
+    template = import_chat_template(hf_dir, renames)
+    if template is not None:
+        rundir.save_chat_template(run_dir, template)
     atomic_write_text(run_dir / "config.toml", tomli_w.dumps(
         {"source": str(hf_dir.resolve()), "model": dataclasses.asdict(c)}))
     return notes

@@ -5,6 +5,8 @@ and tool stands on. Every write is atomic (tinylm.files); every load is verified
     run/model.json          {"family", "config", "weights": {"size", "sha256"}}
     run/tokenizer.json      HF tokenizers; seq2seq runs with two vocabularies add
     run/tokenizer-target.json
+    run/chat_template.jinja the Jinja chat template (an imported model's own; tinylm's
+                            otherwise, over the role tokens every tinylm tokenizer has)
     run/config.toml         the resolved config of the stage that wrote it
     run/state/step-N/       resume state (tinylm.train.checkpoint)
 
@@ -26,13 +28,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tinylm import config as configlib
+from tinylm.data import chat
 from tinylm.errors import UserError
 from tinylm.files import atomic_save_tensors, atomic_write_text, check_entry, manifest_entry
 from tinylm.models import FAMILIES, SEQ2SEQ_FAMILIES, family_classes
 from tinylm.tokenizer import Tokenizer
 
-WEIGHTS, META, TOKENIZER, TARGET_TOKENIZER = (
-    "model.safetensors", "model.json", "tokenizer.json", "tokenizer-target.json")
+WEIGHTS, META, TOKENIZER, TARGET_TOKENIZER, CHAT_TEMPLATE = (
+    "model.safetensors", "model.json", "tokenizer.json", "tokenizer-target.json",
+    "chat_template.jinja")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -125,6 +129,16 @@ def load_tokenizers(run_dir: Path) -> tuple[Tokenizer, Tokenizer]:
     tok = Tokenizer.load(Path(run_dir) / TOKENIZER)
     target = Path(run_dir) / TARGET_TOKENIZER
     return tok, Tokenizer.load(target) if target.is_file() else tok
+
+
+def save_chat_template(run_dir: Path, template: str) -> None:
+    atomic_write_text(Path(run_dir) / CHAT_TEMPLATE, template)
+
+
+def chat_template(run_dir: Path) -> str:
+    """The run's chat template: its chat_template.jinja, else tinylm's own (data.chat)."""
+    path = Path(run_dir) / CHAT_TEMPLATE
+    return path.read_text(encoding="utf-8") if path.is_file() else chat.TEMPLATE
 
 
 def load(run_dir: str | Path, device: str = "cpu", family: str | tuple[str, ...] | None = None

@@ -1,0 +1,117 @@
+"""Conversations and the one chat renderer.
+
+A conversation is a list of messages `{"role": "system" | "user" | "assistant", "content"}`,
+one JSONL line `{"messages": [...]}` per conversation: the format OpenAI and TRL use.
+
+`render(tok, messages, template)` turns a conversation into token ids and a loss mask that is
+1 exactly on the assistant's tokens (each assistant turn's content and its end token) and 0
+elsewhere. SFT, chat, the server, the reward model and PPO all render through it. A template
+is a Jinja chat template, the Hugging Face convention, so a run's template travels into
+`export-hf` and `AutoTokenizer.apply_chat_template` gives the same ids. tinylm's own runs use
+`TEMPLATE`, over the reserved role tokens; an imported model keeps its own (ChatML, ...).
+
+The mask is found the same way for any template: the assistant's tokens of turn i are what
+rendering messages[:i+1] adds to rendering messages[:i] with the generation prompt. That
+needs the template to render a conversation's prefix as a prefix of its ids, which every
+common template does; one that does not is a UserError, not a silent wrong mask.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from tinylm.errors import UserError
+from tinylm.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+# tinylm's template: <|role|>content<|end|> per message; the generation prompt opens an
+# assistant turn. The role tokens are special tokens of every tinylm tokenizer.
+TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@dataclass
+class Rendered:
+    ids: list[int]
+    mask: list[int]  # 1 on the assistant's tokens
+
+
+def check_messages(messages, where: str = "conversation") -> list[dict[str, str]]:
+    """The messages as plain dicts; a UserError naming `where` for anything malformed."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of "
+                        '{"role": ..., "content": ...}')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: message {i + 1} needs a string 'content'")
+        if m.get("role") not in ROLES:
+            raise UserError(f"{where}: message {i + 1} has role {m.get('role')!r}; use one of "
+                            f"{', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def read_conversations(path: str | Path, need_assistant: bool = True) -> list[list[dict]]:
+    """Every conversation of a JSONL file; malformed lines are UserErrors with their number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such chat file; give a JSONL file of "
+                        '{"messages": [...]} lines')
+    conversations = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "messages" not in row:
+            raise UserError(f'{where}: expected an object with "messages"')
+        messages = check_messages(row["messages"], where)
+        if need_assistant and not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{where}: the conversation has no assistant turn to learn from")
+        conversations.append(messages)
+    if not conversations:
+        raise UserError(f"{path}: the file holds no conversations")
+    return conversations
+
+
+_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers
+
+
+def render_text(messages: list[dict], template: str = TEMPLATE,
+                add_generation_prompt: bool = False) -> str:
+    try:
+        return _ENV.from_string(template).render(messages=messages,
+                                                 add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises many kinds; any of them is a broken template
+        raise UserError(f"the chat template failed to render ({e}); fix the template") from None
+
+
+def render(tok: Tokenizer, messages: list[dict], template: str = TEMPLATE,
+           add_generation_prompt: bool = False) -> Rendered:
+    """Token ids of the conversation and the mask of the assistant's tokens."""
+    messages = check_messages(messages)
+    ids = tok.encode(render_text(messages, template, add_generation_prompt))
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.encode(render_text(messages[:i], template, True))
+        through = tok.encode(render_text(messages[: i + 1], template))
+        if ids[: len(before)] != before or ids[: len(through)] != through:
+            raise UserError("the chat template does not render a conversation's start as the "
+                            "start of its ids; the assistant's tokens cannot be found")
+        mask[len(before) : len(through)] = [1] * (len(through) - len(before))
+    return Rendered(ids, mask)
