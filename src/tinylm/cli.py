@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where it stopped")
     p.add_argument("--init", help="start from this run's weights and tokenizer")
+    p.add_argument("--data", metavar="FILE", help="the training data (a corpus, a pairs TSV, "
+                   "a chat JSONL: whatever the stage reads); the same as --set data.<key>=FILE")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -66,8 +69,10 @@ def print_result(result: dict) -> None:
 def cmd_stage(stage, args: argparse.Namespace) -> None:
     from tinylm.stages.common import load_stage_config
 
-    cfg = load_stage_config(stage.config_cls, args.config, args.overrides, args.out,
-                            args.resume)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"{stage.data_key}={json.dumps(args.data)}")
+    cfg = load_stage_config(stage.config_cls, args.config, overrides, args.out, args.resume)
     if args.init:
         cfg.init = args.init
     print(f"{stage.doing} into {cfg.out}")

@@ -21,6 +21,7 @@ TINY = {
     "seq2seq": ["transformer.n_layer=1", "transformer.n_head=2", "transformer.d_model=32",
                 "data.pairs={pairs}", "data.val_fraction=0.25", "decode.beam_size=1",
                 "decode.samples=1"],
+    "sft": ["init='{init}'", "data.path='{chats}'", "data.val_fraction=0.25"],
 }
 
 
@@ -33,7 +34,17 @@ def test_every_stage_runs_on_a_tiny_config(name, tiny_corpus, tmp_path):
     stage = STAGES[name]
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("I am cold.\tJ'ai froid.\nGo.\tVa !\nHi.\tSalut.\nRun!\tCours !\n" * 5)
-    sets = [s.format(corpus=tiny_corpus, pairs=pairs) for s in TINY[name]] + COMMON
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Hi {i}."},
+        {"role": "assistant", "content": "The cat."}]}) + "\n" for i in range(8)))
+    init = tmp_path / "init"
+    if name == "sft":  # fine-tuning needs a pre-trained run to start from
+        pre = STAGES["pretrain"]
+        pre.run(configlib.load(pre.config_cls, pre.preset, [
+            f"out='{init}'", f"data.corpus='{tiny_corpus}'", *STACK, *COMMON]))
+    sets = [s.format(corpus=tiny_corpus, pairs=pairs, chats=chats, init=init)
+            for s in TINY[name]] + COMMON
     cfg = configlib.load(stage.config_cls, stage.preset, sets + [f"out='{tmp_path / 'run'}'"])
     metrics = stage.run(cfg)
     assert metrics["step"] == 3

@@ -19,9 +19,11 @@ common template does; one that does not is a UserError, not a silent wrong mask.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tinylm.errors import UserError
@@ -115,3 +117,57 @@ def render(tok: Tokenizer, messages: list[dict], template: str = TEMPLATE,
                             "start of its ids; the assistant's tokens cannot be found")
         mask[len(before) : len(through)] = [1] * (len(through) - len(before))
     return Rendered(ids, mask)
+
+
+class ChatData:
+    """Rendered conversations as training examples: x = ids[:-1], y = ids[1:] with -100
+    wherever the next token is not the assistant's, so the plain next-token loss is the
+    assistant-only loss. Conversations longer than `block_size` + 1 tokens are cut at their
+    end; batches are right-padded (padding comes after every real token, so a causal model
+    needs no attention mask for it)."""
+
+    def __init__(self, rendered: list[Rendered], block_size: int, pad_id: int):
+        self.examples = []
+        for r in rendered:
+            ids, mask = r.ids[: block_size + 1], r.mask[: block_size + 1]
+            if any(mask[1:]):  # something left to learn after the cut
+                self.examples.append((ids, mask))
+        self.pad_id = pad_id
+        self.dropped = len(rendered) - len(self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def collate(self, picks) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.examples[i] for i in picks]
+        T = max(len(ids) for ids, _ in rows) - 1
+        x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), T), -100, dtype=torch.long)
+        for b, (ids, mask) in enumerate(rows):
+            n = len(ids) - 1
+            x[b, :n] = torch.tensor(ids[:-1])
+            y[b, :n] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+        return x, y  # (B, T) each
+
+    def batch(self, B: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.collate(torch.randint(len(self), (B,), generator=gen).tolist())
+
+    def batches(self, B: int):
+        """Every example once, in order (evaluation)."""
+        for i in range(0, len(self), B):
+            yield self.collate(range(i, min(i + B, len(self))))
+
+
+def split(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded shuffle, the last `val_fraction` held out."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = round(len(order) * val_fraction)
+    if val_fraction > 0 and (n_val == 0 or n_val == len(order)):
+        raise UserError(f"{len(order)} conversations are too few to hold out "
+                        f"{val_fraction:.0%}; give more or set data.val_fraction=0")
+    held = set(order[len(order) - n_val:])
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])

@@ -22,6 +22,7 @@ class Stage:
     preset: str  # the default --config
     help: str
     doing: str  # what it prints before it starts: "{doing} into runs/x"
+    data_key: str  # the config key that `--data FILE` sets
 
     @property
     def config_cls(self) -> type:
@@ -34,10 +35,13 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("pretrain", "tinylm.stages.pretrain", "PretrainConfig", "shakespeare-char",
-          "pre-train a GPT on raw text", "pretraining"),
+          "pre-train a GPT on raw text", "pretraining", "data.corpus"),
     Stage("mlm", "tinylm.stages.mlm", "MLMConfig", "mlm-tinystories",
-          "train a masked language model (BERT)", "training a masked LM"),
+          "train a masked language model (BERT)", "training a masked LM", "data.corpus"),
     Stage("seq2seq", "tinylm.stages.seq2seq", "Seq2SeqConfig", "seq2seq-transformer",
           "train an encoder-decoder (Transformer or RNN) on pairs",
-          "training an encoder-decoder"),
+          "training an encoder-decoder", "data.pairs"),
+    Stage("sft", "tinylm.stages.sft", "SFTConfig", "sft-tinystories",
+          "fine-tune a pre-trained GPT on conversations (assistant-only loss)",
+          "fine-tuning on conversations", "data.path"),
 ]}

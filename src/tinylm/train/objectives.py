@@ -28,6 +28,10 @@ def causal_lm(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     return model(x, y), y.numel()
 
 
+# Supervised fine-tuning is causal_lm too: its batches (data.chat.ChatData) carry -100 targets
+# wherever the next token is not the assistant's, so the loss is the assistant tokens' only.
+
+
 def masked_lm(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[torch.Tensor, int]:
     """BERT's objective: batch = (masked input, targets at masked positions, -100 elsewhere).
