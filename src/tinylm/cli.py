@@ -6,6 +6,7 @@ Mistakes a user can fix (UserError) print one line and exit with status 2, no tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -81,8 +82,6 @@ def cmd_stage(stage, args: argparse.Namespace) -> None:
 
 # --- sample ---------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import tinylm
     from tinylm.infer.engine import Engine
     from tinylm.infer.explain import explain_sample
@@ -106,6 +105,83 @@ def cmd_sample(args: argparse.Namespace) -> None:
         for i, c in enumerate(engine.generate([args.prompt] * args.num_samples, batch)):
             print(f"--- sample {i + 1} ---")
             print(args.prompt + c.text)
+
+
+# --- chat ---------------------------------------------------------------------------------
+CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT, /temperature X, "
+             "/explain (the last answer's token probabilities), /quit; Ctrl-C stops an answer")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import tinylm
+    from tinylm import rundir
+    from tinylm.infer.chat import ChatSession
+    from tinylm.infer.engine import Engine
+
+    template = rundir.chat_template(Path(args.run), required=True)
+    model, tok = tinylm.load(args.run, family="gpt")
+    params = sampling_params(args, 0, model.config.block_size)
+    session = ChatSession(Engine(model, tok, dtype=args.dtype), template, params, args.system)
+    print(f"chatting with {args.run}; {CHAT_HELP}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(/quit or Ctrl-D leaves)")
+            continue
+        try:
+            if line.startswith("/"):
+                if chat_command(session, line):
+                    return
+            elif line:
+                chat_turn(session, line)
+        except UserError as e:  # a bad command or message: say so, keep the conversation
+            print(f"error: {e}")
+
+
+def chat_command(session, line: str) -> bool:
+    """Run a /command; True means leave."""
+    from tinylm.infer.engine import SamplingParams
+
+    name, _, arg = line.partition(" ")
+    if name == "/quit":
+        return True
+    if name == "/reset":
+        session.reset()
+        print("(the conversation is forgotten)")
+    elif name == "/system":
+        session.system = arg.strip()
+        print(f"(system message: {session.system!r})")
+    elif name == "/temperature":
+        try:
+            t = float(arg)
+        except ValueError:
+            raise UserError(f"/temperature takes a number, e.g. /temperature 0.7; got "
+                            f"{arg!r}") from None
+        SamplingParams(temperature=t)  # checks the value
+        session.params = dataclasses.replace(session.params, temperature=t)
+        print(f"(temperature {t})")
+    elif name == "/explain":
+        print(session.explain())
+    else:
+        raise UserError(f"unknown command {name}; {CHAT_HELP}")
+    return False
+
+
+def chat_turn(session, line: str) -> None:
+    stream = session.say(line)
+    print("assistant> ", end="", flush=True)
+    try:
+        for delta in stream:
+            print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        stream.close()
+        print(" [stopped]", end="")
+    print()
+    session.answered(stream)
 
 
 # --- next-word ------------------------------------------------------------------------------
@@ -215,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", type=int, nargs="?", const=5, default=0, metavar="K",
                    help="show each token's probability and its K runners-up (default 5)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("chat", help="talk with a chat model (after tinylm sft, or imported)")
+    p.add_argument("--run", required=True, help="run dir with a chat template")
+    p.add_argument("--system", default="", help="system message")
+    add_sampling_args(p)
+    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export-hf", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run dir of a GPT")

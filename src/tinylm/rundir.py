@@ -135,10 +135,17 @@ def save_chat_template(run_dir: Path, template: str) -> None:
     atomic_write_text(Path(run_dir) / CHAT_TEMPLATE, template)
 
 
-def chat_template(run_dir: Path) -> str:
-    """The run's chat template: its chat_template.jinja, else tinylm's own (data.chat)."""
+def chat_template(run_dir: Path, required: bool = False) -> str:
+    """The run's chat template: its chat_template.jinja, else tinylm's own (data.chat), the
+    one SFT gives a pre-trained tinylm run. `required`: a run without one (never fine-tuned
+    for chat) is a UserError that says how to make one."""
     path = Path(run_dir) / CHAT_TEMPLATE
-    return path.read_text(encoding="utf-8") if path.is_file() else chat.TEMPLATE
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if required:
+        raise UserError(f"{run_dir} has no chat template ({CHAT_TEMPLATE}): it is not a chat "
+                        f"model; fine-tune it first: tinylm sft --init {run_dir} --data FILE")
+    return chat.TEMPLATE
 
 
 def load(run_dir: str | Path, device: str = "cpu", family: str | tuple[str, ...] | None = None

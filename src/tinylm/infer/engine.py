@@ -355,6 +355,27 @@ class _Settings:
         return nxt
 
 
+class TextStream:
+    """An iterator of one completion's text increments (Engine.stream)."""
+
+    def __init__(self, row: _Row, deltas: Iterator[str]):
+        self._row, self._deltas = row, deltas
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        """Stop generating (what was produced stays in `completion`)."""
+        self._deltas.close()
+
+    @property
+    def completion(self) -> Completion:
+        return self._row.completion()
+
+
 class Engine:
     """Batched generation with a KV cache. `model` is a GPT, run through its `FastGPT` twin
     (a config FastGPT does not implement is a UserError here); `tokenizer` is needed for text
@@ -391,12 +412,14 @@ class Engine:
         return [r.completion() for r in rows]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
-               ) -> Iterator[str]:
+               ) -> TextStream:
         """Text increments of one completion as soon as they are valid UTF-8 (and cannot be
         the start of a stop string); joined they equal `generate(...)[0].text`. Bad input
-        raises here, before the first increment is asked for."""
-        events = self.stream_batch([prompt], params)
-        return (delta for _, delta in events)
+        raises here, before the first increment is asked for. The stream's `completion`
+        holds the token ids (and logprobs, if asked for) of what it has produced so far."""
+        self._need_tokenizer("streaming text")
+        rows = self._rows([prompt], params)
+        return TextStream(rows[0], (delta for _, delta in self._run(rows) if delta))
 
     def stream_batch(self, prompts, params=None) -> Iterator[tuple[int, str]]:
         """(prompt index, text increment) pairs for a batch of prompts run together."""
