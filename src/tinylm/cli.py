@@ -184,6 +184,32 @@ def chat_turn(session, line: str) -> None:
     session.answered(stream)
 
 
+# --- data make-chat, eval-chat ----------------------------------------------------------
+def cmd_make_chat(args: argparse.Namespace) -> None:
+    from tinylm.data.make_chat import make_chat
+
+    counts = make_chat(args.out)
+    print(f"wrote {args.out}/chat-train.jsonl and chat-heldout.jsonl: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def cmd_eval_chat(args: argparse.Namespace) -> None:
+    import tinylm
+    from tinylm import rundir
+    from tinylm.data.chat import read_conversations
+    from tinylm.eval.chat import chat_metrics
+    from tinylm.infer.engine import Engine
+
+    template = None if args.plain else rundir.chat_template(Path(args.run), required=True)
+    model, tok = tinylm.load(args.run, family="gpt")
+    read_conversations(args.data)  # the file's own checks, with line numbers
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line]
+    m = chat_metrics(Engine(model, tok, dtype=args.dtype), rows, template)
+    for s in m.pop("samples", []):
+        print(f"[{'ok' if s['ok'] else '--'}] {s['request']}\n     {s['answer']!r}")
+    print(json.dumps(m))
+
+
 # --- next-word ------------------------------------------------------------------------------
 def cmd_next_word(args: argparse.Namespace) -> None:
     import tinylm
@@ -298,6 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("data", help="make data sets from the shipped corpora")
+    p.add_argument("what", choices=["make-chat"], help="make-chat: dialogues for tinylm sft")
+    p.add_argument("--out", default="runs/chat", help="folder to write (default: runs/chat)")
+    p.set_defaults(func=cmd_make_chat)
+
+    p = sub.add_parser("eval-chat", help="request-following rate, chrF and more on held-out "
+                                         "chat requests")
+    p.add_argument("--run", required=True, help="run dir")
+    p.add_argument("--data", default="runs/chat/chat-heldout.jsonl",
+                   help="held-out conversations (tinylm data make-chat)")
+    p.add_argument("--plain", action="store_true",
+                   help="ask as plain text, no chat template (a pre-trained run)")
+    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+    p.set_defaults(func=cmd_eval_chat)
 
     p = sub.add_parser("export-hf", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run dir of a GPT")

@@ -10,6 +10,7 @@ from tinylm import config as configlib
 from tinylm import rundir
 from tinylm.cli import main
 from tinylm.data import chat
+from tinylm.eval.chat import assistant_loss
 from tinylm.stages import pretrain, sft
 from tinylm.stages.pretrain import PretrainConfig
 from tinylm.tokenizer import Tokenizer
@@ -61,7 +62,7 @@ def test_sft_lowers_the_held_out_assistant_loss(init_run, chats, tmp_path):
     _, held = chat.split(chat.read_conversations(chats), 0.2, 0)
     held_data = chat.ChatData([chat.render(tok, c) for c in held], 64, tok.pad_id)
     model, _ = rundir.load(init_run)
-    before = sft.assistant_loss(model, held_data, 16)
+    before = assistant_loss(model, held_data, 16)
     result = sft.run(cfg)
     assert result["val_loss"] < before - 1.0, (before, result["val_loss"])
     assert rundir.chat_template(tmp_path / "sft") == chat.TEMPLATE
@@ -78,8 +79,12 @@ def test_the_cli_takes_data_and_init(init_run, chats, tmp_path, capsys):
 
 def test_sft_without_data_or_init_is_a_one_line_error(init_run, chats, tmp_path, capsys,
                                                       error_of):
-    err = error_of(["sft", "--init", str(init_run), "--out", str(tmp_path / "a")], capsys)
+    err = error_of(["sft", "--init", str(init_run), "--set", "data.path=''", "--out",
+                    str(tmp_path / "a")], capsys)
     assert "pass --data FILE" in err
+    err = error_of(["sft", "--init", str(init_run), "--data", str(tmp_path / "none.jsonl"),
+                    "--out", str(tmp_path / "a2")], capsys)
+    assert "no such chat file" in err and "tinylm data make-chat" in err
     err = error_of(["sft", "--set", "init=''", "--data", str(chats), "--out",
                     str(tmp_path / "b")], capsys)
     assert "pass --init RUN" in err

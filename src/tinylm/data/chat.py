@@ -68,7 +68,8 @@ def read_conversations(path: str | Path, need_assistant: bool = True) -> list[li
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such chat file; give a JSONL file of "
-                        '{"messages": [...]} lines')
+                        '{"messages": [...]} lines, or make the shipped set with '
+                        "`tinylm data make-chat`")
     conversations = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -22,6 +22,7 @@ from tinylm import config as configlib
 from tinylm import rundir, viz
 from tinylm.data import chat
 from tinylm.errors import UserError
+from tinylm.eval.chat import assistant_loss
 from tinylm.models.gpt import GPT
 from tinylm.stages.common import batch_generator, prepare_run_dir
 from tinylm.tokenizer import Tokenizer
@@ -43,17 +44,6 @@ class SFTConfig:
     init: str = ""  # the pre-trained GPT run to fine-tune (required)
     data: ChatDataConfig = field(default_factory=ChatDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def assistant_loss(model: GPT, data: chat.ChatData, batch_size: int) -> float:
-    """Mean loss per assistant token over `data`."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for x, y in data.batches(batch_size):
-        n = int((y != -100).sum())
-        total += model(x.to(device), y.to(device)).item() * n
-        count += n
-    return total / max(count, 1)
 
 
 def run(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:

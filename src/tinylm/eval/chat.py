@@ -1,0 +1,72 @@
+"""How well a chat model does what it is asked, on held-out requests (data/make_chat.py):
+
+- assistant-token loss (the SFT objective on held-out conversations);
+- request-following rate: the share of story requests whose greedy answer names the requested
+  character and the requested object and ends with a finished sentence;
+- translation chrF of the greedy answers to "Translate to French: ..." requests.
+
+`plain=True` asks a pre-trained (not fine-tuned) model the same requests as plain text (the
+request, then a new line), the baseline SFT is measured against.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tinylm.data import chat
+from tinylm.eval.translation import score
+from tinylm.infer.chat import turn_end_ids
+from tinylm.infer.engine import Engine, SamplingParams
+
+
+def assistant_loss(model, data: chat.ChatData, batch_size: int) -> float:
+    """Mean loss per assistant token over `data`."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for x, y in data.batches(batch_size):
+        n = int((y != -100).sum())
+        total += model(x.to(device), y.to(device)).item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def follows_request(answer: str, name: str, obj: str) -> bool:
+    answer = answer.strip()
+    return (re.search(rf"\b{re.escape(name)}\b", answer) is not None
+            and re.search(rf"\b{re.escape(obj)}s?\b", answer, re.IGNORECASE) is not None
+            and answer.endswith((".", "!", "?", '"')))
+
+
+def answers(engine: Engine, requests: list[str], template: str | None,
+            max_new_tokens: int) -> list[str]:
+    """Greedy answers to single-turn requests, through the chat template (or as plain text
+    when `template` is None)."""
+    if template is None:
+        prompts: list = [r + "\n" for r in requests]
+        stops: list[int] = []
+    else:
+        prompts = [chat.render(engine.tok, [{"role": "user", "content": r}], template,
+                               add_generation_prompt=True).ids for r in requests]
+        stops = turn_end_ids(engine.tok, template)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop_token_ids=stops, truncate=True)
+    return [c.text for c in engine.generate(prompts, params)]
+
+
+def chat_metrics(engine: Engine, rows: list[dict], template: str | None,
+                 max_new_tokens: int = 96) -> dict:
+    stories = [r for r in rows if r.get("task") == "story"]
+    trans = [r for r in rows if r.get("task") == "translate"]
+    out: dict = {}
+    if stories:
+        got = answers(engine, [r["messages"][0]["content"] for r in stories], template,
+                      max_new_tokens)
+        ok = [follows_request(a, r["name"], r["object"]) for a, r in zip(got, stories)]
+        out |= {"stories": len(stories), "request_following": sum(ok) / len(ok),
+                "samples": [{"request": r["messages"][0]["content"], "answer": a, "ok": k}
+                            for r, a, k in list(zip(stories, got, ok))[:5]]}
+    if trans:
+        got = answers(engine, [r["messages"][0]["content"] for r in trans], template, 32)
+        out |= {"translations": len(trans),
+                "chrf": score([a.strip() for a in got], [r["refs"] for r in trans])["chrf"]}
+    return out
