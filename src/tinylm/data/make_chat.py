@@ -1,11 +1,12 @@
 """`tinylm data make-chat`: a dialogue set made from the shipped corpora, deterministically.
 
 The recipe (docs/chat.md says it at length):
-- **story requests.** Every TinyStories paragraph that opens a story ("Once upon a time") and
-  names a character ("a little girl named Lily") is cut to its first sentences (at most
-  `max_words` words, ending at a sentence end) that still name the character and hold one of
-  `OBJECTS`. The user asks "Tell me a story about a girl named Lily and a ball."; the
-  assistant answers with that excerpt.
+- **story requests.** Every TinyStories paragraph that names a character ("a little girl
+  named Lily") is cut, from that sentence, to at most `max_words` words ending at a sentence
+  end; if it holds one of `OBJECTS`, the user asks "Tell me a story about a girl named Lily
+  and a ball.", and the assistant answers with the excerpt, its first sentence replaced by one
+  that names both ("Once upon a time, there was a girl named Lily who had a ball."), as a
+  person answering the request would open.
 - **a follow-up** on every other story: "What was the girl's name?" -> "Her name was Lily."
   (his / its after a boy's or an animal's story), which the story answers.
 - **translation.** "Translate to French: I am cold." -> "J'ai froid." from the eng-fra pairs.
@@ -66,13 +67,22 @@ def story_requests(text: str, max_words: int) -> list[dict]:
         excerpt = excerpt.strip()
         found = [o for o in OBJECTS if re.search(rf"\b{o}\b", excerpt)]
         if name in excerpt and found and len(excerpt.split()) >= 12:
-            out.append({"kind": kind, "name": name, "object": found[0], "story": excerpt})
+            obj = found[0]
+            # The story's own first sentence gives way to one that names both, the way a
+            # person answering the request would open: "... a girl named Lily who had a ball."
+            rest = excerpt[len(SENTENCE.match(excerpt).group(0)):].strip()
+            opening = f"Once upon a time, there was a {kind} named {name} who had {_a(obj)}."
+            out.append({"kind": kind, "name": name, "object": obj,
+                        "story": f"{opening} {rest}".strip()})
     return out
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 def story_conversation(r: dict, follow_up: bool) -> dict:
-    article = "an" if r["object"][0] in "aeiou" else "a"
-    request = f"Tell me a story about a {r['kind']} named {r['name']} and {article} {r['object']}."
+    request = f"Tell me a story about a {r['kind']} named {r['name']} and {_a(r['object'])}."
     messages = [{"role": "user", "content": request},
                 {"role": "assistant", "content": r["story"]}]
     if follow_up:
