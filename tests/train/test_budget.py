@@ -36,7 +36,10 @@ def test_a_run_paused_before_calibration_calibrates_when_resumed(tiny_corpus, tm
     result = pretrain.run(cfg(tiny_corpus, run, "train.time_budget=2.0"), resume=True)
     assert last_loop(run)["calibrated"] is True
     assert result["step"] < 1_000_000
-    assert abs(result["train_time"] - 2.0) < 0.2
+    # Within 25%: a 2 s run of ~10 ms steps is at the mercy of a few slow steps after its
+    # estimate is fixed (the 10% rule is held on the 60 s run below). Uncalibrated, it would
+    # train its million steps.
+    assert abs(result["train_time"] - 2.0) < 0.5
 
 
 def test_a_budget_holds_when_the_first_seconds_are_slow(tiny_corpus, tmp_path):

@@ -19,13 +19,13 @@ common template does; one that does not is a UserError, not a silent wrong mask.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tinylm.data.split import held_out
 from tinylm.errors import UserError
 from tinylm.tokenizer import Tokenizer
 
@@ -161,14 +161,6 @@ class ChatData:
 
 def split(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """(train, held-out): a seeded shuffle, the last `val_fraction` held out."""
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    n_val = round(len(order) * val_fraction)
-    if val_fraction > 0 and (n_val == 0 or n_val == len(order)):
-        raise UserError(f"{len(order)} conversations are too few to hold out "
-                        f"{val_fraction:.0%}; give more or set data.val_fraction=0")
-    held = set(order[len(order) - n_val:])
+    held = held_out(range(len(conversations)), val_fraction, seed, "conversations")
     return ([c for i, c in enumerate(conversations) if i not in held],
             [c for i, c in enumerate(conversations) if i in held])

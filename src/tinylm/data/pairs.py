@@ -14,13 +14,13 @@ source become its references, so BLEU and chrF are multi-reference scores.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tinylm.data.split import held_out
 from tinylm.data.text import CORPUS_DIR
 from tinylm.errors import UserError
 from tinylm.tokenizer import Tokenizer
@@ -94,15 +94,7 @@ def split_pairs(pairs: Sequence[Pair], val_fraction: float,
                 seed: int = 0) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out): a seeded shuffle of the distinct sources, the last `val_fraction`
     of them held out with every one of their translations. Deterministic for a seed."""
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-    sources = sorted({p.src for p in pairs})
-    random.Random(seed).shuffle(sources)
-    n_val = round(len(sources) * val_fraction)
-    if val_fraction > 0 and (n_val == 0 or n_val == len(sources)):
-        raise UserError(f"{len(sources)} distinct sources are too few to hold out "
-                        f"{val_fraction:.0%}; give more pairs or set data.val_fraction=0")
-    held = set(sources[len(sources) - n_val :])
+    held = held_out(sorted({p.src for p in pairs}), val_fraction, seed, "distinct sources")
     return [p for p in pairs if p.src not in held], [p for p in pairs if p.src in held]
 
 

@@ -49,14 +49,14 @@ class SFTConfig:
 def run(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     """Fine-tune (or resume) on cfg.data.path; returns the last metrics, with val_loss (the
     held-out assistant-token loss) and val_ppl."""
-    if not cfg.init and not resume:
+    if not cfg.init:  # a resumed run's config.toml holds its init
         raise UserError("sft needs a pre-trained run: pass --init RUN (e.g. runs/tinystories-bpe)")
     if not cfg.data.path:
         raise UserError("sft needs conversations: pass --data FILE (JSONL of "
                         '{"messages": [...]} lines)')
     run_dir = prepare_run_dir(cfg.out, resume)
     source = run_dir if resume else Path(cfg.init)
-    model = rundir.load_model(Path(cfg.init) if cfg.init else run_dir, family="gpt")
+    model = rundir.load_model(Path(cfg.init), family="gpt")  # resume: weights from state/
     tok = Tokenizer.load(source / rundir.TOKENIZER)
     template = rundir.chat_template(source)
     conversations = chat.read_conversations(cfg.data.path)
