@@ -6,7 +6,7 @@ import json
 
 from tinylm.cli import main
 from tinylm.data.chat import read_conversations
-from tinylm.eval.chat import follows_request
+from tinylm.feedback.guidelines import follows_request
 
 
 def rows(path):

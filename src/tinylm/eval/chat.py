@@ -11,10 +11,9 @@ request, then a new line), the baseline SFT is measured against.
 
 from __future__ import annotations
 
-import re
-
 from tinylm.data import chat
 from tinylm.eval.translation import score
+from tinylm.feedback.guidelines import follows_request
 from tinylm.infer.chat import turn_end_ids
 from tinylm.infer.engine import Engine, SamplingParams
 
@@ -28,13 +27,6 @@ def assistant_loss(model, data: chat.ChatData, batch_size: int) -> float:
         total += model(x.to(device), y.to(device)).item() * n
         count += n
     return total / max(count, 1)
-
-
-def follows_request(answer: str, name: str, obj: str) -> bool:
-    answer = answer.strip()
-    return (re.search(rf"\b{re.escape(name)}\b", answer) is not None
-            and re.search(rf"\b{re.escape(obj)}s?\b", answer, re.IGNORECASE) is not None
-            and answer.endswith((".", "!", "?", '"')))
 
 
 def answers(engine: Engine, requests: list[str], template: str | None,

@@ -1,0 +1,1 @@
+"""Feedback: the store of prompts, answers and rankings; guideline labelers; import/export."""
