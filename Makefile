@@ -25,9 +25,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 test-all: $(STAMP)
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e '.[dev,peers]'
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e '.[dev,peers]'
 	$(BIN)/python benchmarks/run_all.py
 
 lint: $(STAMP)

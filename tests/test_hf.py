@@ -207,17 +207,30 @@ def hf_model(kind: str, fast):
     if kind == "gpt2":
         cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64,
                                       vocab_size=vocab, bos_token_id=fast.bos_token_id,
-                                      eos_token_id=fast.eos_token_id)
+                                      eos_token_id=fast.eos_token_id, layer_norm_epsilon=1e-6)
     elif kind == "llama":
         cfg = transformers.LlamaConfig(num_key_value_heads=4, intermediate_size=176, **common)
     elif kind == "llama-gqa-attention-bias":  # 2 key/value heads for 4 query heads
         cfg = transformers.LlamaConfig(num_key_value_heads=2, intermediate_size=176,
                                        attention_bias=True, **common)
+    elif kind == "smollm2-like":  # SmolLM2's switches: GQA 3 of 6, eps 1e-5, theta 1e5, tied
+        cfg = transformers.LlamaConfig(**common | {"num_attention_heads": 6, "hidden_size": 96,
+                                                   "rms_norm_eps": 1e-5},
+                                       num_key_value_heads=2, intermediate_size=256,
+                                       rope_theta=100000.0, tie_word_embeddings=True)
+    elif kind == "llama3-rope":  # Llama 3.1's scaled rope, one key/value head
+        cfg = transformers.LlamaConfig(**common | {"max_position_embeddings": 512},
+                                       num_key_value_heads=1, intermediate_size=176,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                     "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 16,
+                                                     "rope_theta": 500000.0})
     elif kind == "qwen2-gqa":  # q/k/v biases, no o_proj bias
         cfg = transformers.Qwen2Config(num_key_value_heads=2, intermediate_size=128,
                                        tie_word_embeddings=True, **common)
     else:
-        cfg = transformers.Qwen3Config(num_key_value_heads=4, head_dim=16, intermediate_size=128,
+        cfg = transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, intermediate_size=128,
                                        tie_word_embeddings=True, **common)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # norms and biases away from their init of ones and zeros
@@ -227,9 +240,17 @@ def hf_model(kind: str, fast):
     return model
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-gqa-attention-bias", "qwen2-gqa",
-                                  "qwen3"])
+IMPORT_KINDS = ["gpt2", "llama", "llama-gqa-attention-bias", "smollm2-like", "llama3-rope",
+                "qwen2-gqa", "qwen3"]
+
+
+@pytest.mark.parametrize("kind", IMPORT_KINDS)
 def test_imported_checkpoint_gives_the_same_logits(tmp_path, kind):
+    """Same ids, logits within 1e-4 in fp32 (the norm's eps, rotary theta and scaling taken
+    exactly), key/value heads kept grouped (weights and cache n_kv_head heads wide), a tied
+    embedding stored once, and the checkpoint's own end-of-text token."""
+    from safetensors import safe_open
+
     import tinylm
 
     hf_dir = tmp_path / "hf"
@@ -247,21 +268,110 @@ def test_imported_checkpoint_gives_the_same_logits(tmp_path, kind):
         mine = ours(x)[..., : theirs.shape[-1]]
     assert (mine - theirs).abs().max().item() <= 1e-4
     assert tok.eos_id == model.config.eos_token_id  # the checkpoint's own end-of-text
-    assert tok.id_to_token(tok.eos_id) == EOS and tok.decode(ids) == text
+    assert tok.id_to_token(tok.eos_id) == fast.eos_token and tok.decode(ids) == text
+    n_kv = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    c = ours.config
+    assert c.kv_heads == n_kv and ours.new_cache(1, 4).k.shape[2] == n_kv
+    assert ours.blocks[0].attn.k.weight.shape[0] == n_kv * c.head_dim  # not expanded
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (not model.config.tie_word_embeddings)
+    size = (tmp_path / "run" / "model.safetensors").stat().st_size
+    assert abs(size / (hf_dir / "model.safetensors").stat().st_size - 1) < 0.05
 
 
-def test_import_then_export_round_trips(tmp_path):
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def hf_tokenizer_chatml(folder):
+    """SmolLM2's special tokens: <|endoftext|>, <|im_start|> (BOS), <|im_end|> (EOS), with a
+    ChatML template over them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    t.train_from_iterator([TEXT], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-gqa-attention-bias", "smollm2-like",
+                                  "llama3-rope", "qwen2-gqa", "qwen3"])
+def test_import_then_export_round_trips_exactly(tmp_path, kind):
+    """export-hf of an imported run gives back the original config.json and every tensor,
+    bit for bit (no expanded heads, no second copy of a tied embedding, no added biases)."""
+    from safetensors.torch import load_file
+
     hf_dir = tmp_path / "hf"
-    fast = hf_tokenizer_llama(hf_dir)
-    model = hf_model("llama", fast)
+    fast = hf_tokenizer_chatml(hf_dir)
+    model = hf_model(kind, fast)
     model.save_pretrained(str(hf_dir))
     import_hf(hf_dir, tmp_path / "run")
     export_hf(tmp_path / "run", tmp_path / "back")
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config == json.loads((hf_dir / "config.json").read_text())
+    want, got = (load_file(str(d / "model.safetensors")) for d in (hf_dir, tmp_path / "back"))
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
     x = torch.tensor([fast("a red ball", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         expected = model(x).logits
-    again = hf_logits(tmp_path / "back", x)[..., : expected.shape[-1]]
-    assert (again - expected).abs().max().item() <= 1e-4
+    assert torch.equal(hf_logits(tmp_path / "back", x), expected)
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+    assert (back.eos_token, back.bos_token) == ("<|im_end|>", "<|im_start|>")
+
+
+def test_special_tokens_and_chat_template_survive_import(tmp_path):
+    """A ChatML model keeps its vocabulary (no tinylm token added), its special tokens under
+    their own names and its template verbatim; rendering a conversation gives transformers'
+    apply_chat_template ids, and tinylm chat stops answers at <|im_end|>."""
+    from tinylm.data.chat import render
+    from tinylm.infer.chat import turn_end_ids
+
+    hf_dir = tmp_path / "hf"
+    fast = hf_tokenizer_chatml(hf_dir)
+    hf_model("smollm2-like", fast).save_pretrained(str(hf_dir))
+    assert import_hf(hf_dir, tmp_path / "run") == []
+    tok = Tokenizer.load(tmp_path / "run" / "tokenizer.json")
+    assert tok.vocab_size == len(fast) and tok.special_id(EOS) is None
+    assert tok.roles == {"pad": "<|im_end|>", "bos": "<|im_start|>", "eos": "<|im_end|>"}
+    assert (tok.bos_id, tok.eos_id) == (fast.bos_token_id, fast.eos_token_id)
+    template = rundir.chat_template(tmp_path / "run")
+    assert template == CHATML
+    for gen in (False, True):
+        ours = render(tok, CONVERSATION, template, add_generation_prompt=gen)
+        theirs = fast.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=gen)
+        theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+        assert ours.ids == list(theirs)
+    assert sum(ours.mask) > 0
+    assert turn_end_ids(tok, template) == [fast.eos_token_id]
+
+
+def test_a_model_without_a_chat_template_gets_tinylms_role_tokens(tmp_path):
+    """GPT-2 has no chat template: tinylm's four role tokens are added as new ids (embedding
+    rows the mean of the others), so tinylm's template works; its own tokens keep their ids."""
+    from tinylm.data.chat import render
+    from tinylm.tokenizer import ASSISTANT, END
+
+    hf_dir = tmp_path / "hf"
+    fast = hf_tokenizer_gpt2(hf_dir)
+    hf_model("gpt2", fast).save_pretrained(str(hf_dir))
+    notes = import_hf(hf_dir, tmp_path / "run")
+    assert "no chat template" in notes[0]
+    tok = Tokenizer.load(tmp_path / "run" / "tokenizer.json")
+    assert tok.vocab_size == len(fast) + 4 and tok.special_id(END) == len(fast) + 3
+    assert tok.id_to_token(tok.eos_id) == "<|endoftext|>" == tok.id_to_token(tok.pad_id)
+    ids = render(tok, CONVERSATION[:3], rundir.chat_template(tmp_path / "run")).ids
+    assert tok.special_id(ASSISTANT) in ids
 
 
 @pytest.mark.parametrize("config, message", [
@@ -269,8 +379,8 @@ def test_import_then_export_round_trips(tmp_path):
      "architecture 'bert' (BertForMaskedLM) is not supported"),
     ({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
       "intermediate_size": 128, "vocab_size": 10, "num_hidden_layers": 1,
-      "max_position_embeddings": 32, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-     "rope type 'linear' (rope scaling)"),
+      "max_position_embeddings": 32, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}},
+     "rope type 'yarn' (tinylm has the plain, 'linear' and 'llama3' ropes)"),
     ({"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32,
       "intermediate_size": 128, "vocab_size": 10, "num_hidden_layers": 1,
       "max_position_embeddings": 32}, "head_dim=32 != hidden_size/num_attention_heads=16"),
@@ -310,25 +420,3 @@ def test_the_chat_template_travels_to_transformers(tmp_path, tok):
                                           add_generation_prompt=gen)
         theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
         assert list(theirs) == render(tok, CONVERSATION, add_generation_prompt=gen).ids
-
-
-def test_an_imported_model_keeps_its_own_chat_template(tmp_path):
-    """ChatML over the checkpoint's tokens; a renamed special token (</s> is the EOS, which
-    tinylm names <|eos|>) is renamed in the template too, so the ids do not change."""
-    from tinylm.data.chat import render
-
-    hf_dir = tmp_path / "hf"
-    fast = hf_tokenizer_llama(hf_dir)
-    fast.chat_template = ("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['content'] "
-                          "+ '</s>' }}{% endfor %}{% if add_generation_prompt %}"
-                          "{{ '<s>assistant: ' }}{% endif %}")
-    fast.save_pretrained(str(hf_dir))
-    hf_model("llama", fast).save_pretrained(str(hf_dir))
-    import_hf(hf_dir, tmp_path / "run")
-    template = rundir.chat_template(tmp_path / "run")
-    assert "<|eos|>" in template and "</s>" not in template
-    ours = render(Tokenizer.load(tmp_path / "run" / "tokenizer.json"), CONVERSATION, template)
-    theirs = fast.apply_chat_template(CONVERSATION, tokenize=True)
-    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
-    assert ours.ids == list(theirs)
-    assert sum(ours.mask) > 0

@@ -99,3 +99,18 @@ def test_load_seq2seq_refuses_a_gpt_run(tmp_path):
     rundir.save_model(tmp_path, tiny_gpt())
     with pytest.raises(UserError, match="holds a gpt model; this needs an encoder-decoder"):
         rundir.load_seq2seq(tmp_path)
+
+
+def test_a_tied_head_is_stored_once_and_loads_tied(tmp_path):
+    from safetensors.torch import load_file
+
+    from tinylm.models.gpt import GPT, GPTConfig
+    from tinylm.rundir import load_model, save_model
+
+    model = GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=1, n_head=2, d_model=16,
+                          tie_embeddings=True))
+    save_model(tmp_path, model)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
+    back = load_model(tmp_path)
+    assert back.lm_head.weight is back.tok_emb.weight
+    assert torch.equal(back.tok_emb.weight, model.tok_emb.weight)

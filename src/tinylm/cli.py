@@ -184,6 +184,30 @@ def chat_turn(session, line: str) -> None:
     session.answered(stream)
 
 
+# --- serve ------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from tinylm.serve.app import Limits, serve
+
+    keys = args.api_key or ([os.environ["TINYLM_API_KEY"]]
+                            if os.environ.get("TINYLM_API_KEY") else [])
+    limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                    max_waiting=args.max_waiting, per_key_concurrency=args.per_key_concurrency)
+    serve(args.run, args.host, args.port, keys, args.insecure, limits, args.dtype)
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    import os
+
+    from tinylm.serve.label import serve_label
+
+    keys = args.api_key or ([os.environ["TINYLM_API_KEY"]]
+                            if os.environ.get("TINYLM_API_KEY") else [])
+    serve_label(args.run, args.prompts, args.db, args.k, args.host, args.port, keys,
+                args.insecure, args.dtype, args.max_new_tokens, args.temperature)
+
+
 # --- data make-chat, eval-chat ----------------------------------------------------------
 def cmd_make_chat(args: argparse.Namespace) -> None:
     from tinylm.data.make_chat import make_chat
@@ -266,6 +290,13 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         run_translation_table(cfg)
 
 
+# --- basics ---------------------------------------------------------------------------------
+def cmd_basics(args: argparse.Namespace) -> None:
+    from tinylm.experiments.basics import run_basics
+
+    run_basics(args.name, Path(args.out), args.seed, args.trace)
+
+
 # --- attention ------------------------------------------------------------------------------
 def cmd_attention(args: argparse.Namespace) -> None:
     from tinylm.infer.attention import attention_maps, plot_attention
@@ -290,11 +321,100 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
 # --- import-hf ------------------------------------------------------------------------------
 def cmd_import_hf(args: argparse.Namespace) -> None:
-    from tinylm.hf import import_hf
+    from tinylm.hf import import_checkpoint, import_hf
 
-    for note in import_hf(args.hf_dir, args.run):
+    if Path(args.hf_dir).suffix == ".gguf":  # a llama.cpp file (tinylm.gguf, docs/hf.md)
+        from tinylm.gguf import read_gguf
+
+        cfg, tensors, tokenizer, template = read_gguf(args.hf_dir)
+        notes = import_checkpoint(cfg, tensors, tokenizer, template, Path(args.run),
+                                  str(Path(args.hf_dir).resolve()),
+                                  {"config.json": json.dumps(cfg, indent=2)})
+    else:
+        notes = import_hf(args.hf_dir, args.run)
+    for note in notes:
         print(f"note: {note}")
     print(f"wrote run dir {args.run}: try `tinylm sample --run {args.run} --prompt ...`")
+
+
+# --- feedback collect | export | import, eval winrate (RLHF, docs/rlhf.md) ---------------------
+def cmd_feedback(args: argparse.Namespace) -> None:
+    from tinylm.feedback import io
+    from tinylm.feedback.store import Store
+
+    if args.what == "collect":
+        from tinylm.feedback.collect import CollectConfig, collect
+
+        if not (args.run and args.prompts):
+            raise UserError("feedback collect needs --run RUN and --prompts FILE")
+        cfg = CollectConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed, round=args.round, reward_model=args.reward_model,
+                            dtype=args.dtype)
+        counts = collect(args.run, args.prompts, args.k, args.labeler, args.db, args.limit, cfg)
+        print(f"stored in {args.db}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        agreement = Store(args.db).agreement()
+        if agreement["comparisons"]:
+            print(f"labeler agreement: {agreement['agreement']:.2%} of {agreement['pairs']} "
+                  f"pairs over {agreement['comparisons']} comparisons")
+    elif args.what == "export":
+        if not args.out:
+            raise UserError("feedback export needs --out FILE")
+        n = io.export(Store(args.db), args.out, args.format, args.labeler_filter)
+        print(f"wrote {n} {args.format} lines to {args.out}")
+    else:
+        if not args.file:
+            raise UserError("feedback import needs --file FILE (rankings or pairs JSONL)")
+        print(f"imported {io.import_file(Store(args.db), args.file)} rankings into {args.db}")
+
+
+def cmd_eval_winrate(args: argparse.Namespace) -> None:
+    from tinylm.eval.winrate import winrate
+
+    result = winrate(args.a, args.b, args.judge, args.prompts, limit=args.limit,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     seed=args.seed)
+    print(json.dumps(result))
+
+
+def add_feedback_parsers(sub) -> None:
+    p = sub.add_parser("feedback", help="collect, export and import rankings (RLHF)")
+    p.add_argument("what", choices=["collect", "export", "import"],
+                   help="collect: sample K answers per prompt and rank them with a guideline "
+                        "labeler; export: write rankings or TRL pairs JSONL; import: read one")
+    p.add_argument("--db", default="runs/feedback.db",
+                   help="SQLite file or SQLAlchemy URL (default: runs/feedback.db)")
+    p.add_argument("--run", help="collect: the chat run that answers")
+    p.add_argument("--prompts", help="collect: JSONL of prompts (make-chat rows, or "
+                   '{"messages": ...} / {"prompt": ...} lines)')
+    p.add_argument("--k", type=int, default=4, help="collect: answers per prompt (default 4)")
+    p.add_argument("--labeler", default="request", help="collect: request | sentiment")
+    p.add_argument("--limit", type=int, default=0, help="collect: first N prompts (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round", type=int, default=0, help="collect: the round to record")
+    p.add_argument("--reward-model", default="", help="collect: this round's reward model run")
+    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+    p.add_argument("--out", help="export: file to write")
+    p.add_argument("--format", default="rankings", choices=["rankings", "pairs"],
+                   help="export: K-wise rankings (tinylm reward/dpo) or TRL pairs")
+    p.add_argument("--only", dest="labeler_filter", default=None, metavar="LABELER",
+                   help="export: rankings of this labeler only")
+    p.add_argument("--file", help="import: rankings or pairs JSONL")
+    p.set_defaults(func=cmd_feedback)
+
+    p = sub.add_parser("eval", help="compare two runs (winrate)")
+    p.add_argument("what", choices=["winrate"], help="winrate: A vs B judged on prompts")
+    p.add_argument("--a", required=True, help="run A")
+    p.add_argument("--b", required=True, help="run B")
+    p.add_argument("--judge", default="request",
+                   help="request | sentiment | textblob | reward:RUN (default request)")
+    p.add_argument("--prompts", default="runs/chat/chat-heldout.jsonl")
+    p.add_argument("--limit", type=int, default=0, help="first N prompts (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval_winrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +445,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible API, chat page (/) and autocomplete "
+                                     "page (/complete) for a run")
+    p.add_argument("--run", required=True, help="run dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require this bearer key on every route but /health (repeatable; "
+                        "default: $TINYLM_API_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+    p.add_argument("--max-batch", type=int, default=64, help="rows decoding together")
+    p.add_argument("--max-waiting", type=int, default=256, help="rows queued; more get 503")
+    p.add_argument("--max-n", type=int, default=16, help="choices per prompt")
+    p.add_argument("--max-tokens", type=int, default=4096, help="cap on max_tokens")
+    p.add_argument("--per-key-concurrency", type=int, default=64,
+                   help="requests in flight per key (per address without keys); more get 429")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("label", help="the ranking page (/label) for people: K answers per "
+                                     "prompt of a file, sampled from a run (RLHF)")
+    p.add_argument("--run", required=True, help="the chat run whose answers are ranked")
+    p.add_argument("--prompts", required=True, help="JSONL of prompts (messages or prompt)")
+    p.add_argument("--db", default="runs/feedback.db",
+                   help="feedback store: SQLite path or SQLAlchemy URL")
+    p.add_argument("--k", type=int, default=4, help="answers per prompt (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require this key (repeatable; default: $TINYLM_API_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+    p.set_defaults(func=cmd_label)
+
     p = sub.add_parser("data", help="make data sets from the shipped corpora")
     p.add_argument("what", choices=["make-chat"], help="make-chat: dialogues for tinylm sft")
     p.add_argument("--out", default="runs/chat", help="folder to write (default: runs/chat)")
@@ -346,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import-hf", help="turn a local transformers GPT-2/Llama/Qwen2/Qwen3 "
-                                         "folder into a run dir")
-    p.add_argument("hf_dir", help="folder with config.json, model.safetensors, tokenizer.json")
+                                         "folder, or a llama.cpp .gguf file, into a run dir")
+    p.add_argument("hf_dir", help="folder with config.json, model.safetensors, tokenizer.json; "
+                                  "or a Llama/Qwen FILE.gguf")
     p.add_argument("run", help="run dir to write")
     p.set_defaults(func=cmd_import_hf)
 
@@ -383,12 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the experiment's runs and results")
     p.set_defaults(func=cmd_experiment)
 
+    p = sub.add_parser("basics", help="neural-network basics in seconds: cats-dogs, cake, "
+                                      "spirals (docs/basics.md)")
+    p.add_argument("name", choices=["cats-dogs", "cake", "spirals"],
+                   help="cats-dogs: a rule vs a model learnt from examples; cake: "
+                        "backpropagation step by step; spirals: shallow vs deep")
+    p.add_argument("--trace", action="store_true",
+                   help="also print one example's forward values and gradients, layer by layer")
+    p.add_argument("--out", default="runs/basics", help="folder for the pictures "
+                                                        "(default: runs/basics)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
+    p.set_defaults(func=cmd_basics)
+
     p = sub.add_parser("attention", help="draw attention maps of a run for a text")
     p.add_argument("--run", required=True, help="run dir (gpt, bert, transformer or rnn)")
     p.add_argument("text", help="prompt (gpt, bert) or sentence to translate (seq2seq)")
     p.add_argument("--png", required=True, help="PNG file to write")
     p.add_argument("--beam", type=int, default=1, help="beam size for translations")
     p.set_defaults(func=cmd_attention)
+    add_feedback_parsers(sub)
     return parser
 
 

@@ -7,6 +7,10 @@ and tool stands on. Every write is atomic (tinylm.files); every load is verified
     run/tokenizer-target.json
     run/chat_template.jinja the Jinja chat template (an imported model's own; tinylm's
                             otherwise, over the role tokens every tinylm tokenizer has)
+    run/tokenizer.roles.json which tokens are BOS/EOS/PAD, for a tokenizer with its own
+                            (an imported one); tinylm's tokenizers have none
+    run/hf-source/          an imported checkpoint's own config.json and tokenizer JSON files,
+                            so export-hf gives back the original (tinylm.hf)
     run/config.toml         the resolved config of the stage that wrote it
     run/state/step-N/       resume state (tinylm.train.checkpoint)
 
@@ -34,9 +38,9 @@ from tinylm.files import atomic_save_tensors, atomic_write_text, check_entry, ma
 from tinylm.models import FAMILIES, SEQ2SEQ_FAMILIES, family_classes
 from tinylm.tokenizer import Tokenizer
 
-WEIGHTS, META, TOKENIZER, TARGET_TOKENIZER, CHAT_TEMPLATE = (
+WEIGHTS, META, TOKENIZER, TARGET_TOKENIZER, CHAT_TEMPLATE, HF_SOURCE = (
     "model.safetensors", "model.json", "tokenizer.json", "tokenizer-target.json",
-    "chat_template.jinja")
+    "chat_template.jinja", "hf-source")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -50,13 +54,29 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name: first name} for every state-dict entry that is the same tensor as an earlier one
+    (a tied output head is the token embedding): stored once, loaded through the first."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
+
+
 def save_model(run_dir: Path, model: nn.Module) -> None:
     """Weights first, then model.json with their checksum: a crash between the two leaves a
-    model.json whose checksum no longer matches, which a load reports instead of using."""
+    model.json whose checksum no longer matches, which a load reports instead of using. A tied
+    weight is written once (an imported model's run dir is the size of the original)."""
     model = unwrap(model)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(run_dir / WEIGHTS, model.state_dict())
+    aliases = tied_aliases(model)
+    atomic_save_tensors(run_dir / WEIGHTS, {k: v for k, v in model.state_dict().items()
+                                            if k not in aliases})
     meta = {"family": model.family, "config": dataclasses.asdict(model.config),
             "weights": manifest_entry(run_dir / WEIGHTS)}
     atomic_write_text(run_dir / META, json.dumps(meta, indent=2))
@@ -112,6 +132,8 @@ def load_weights(model: nn.Module, path: Path, entry: dict | None = None) -> Non
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is damaged or truncated ({e}); restore it or retrain") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    aliases = tied_aliases(model)
+    missing = [k for k in missing if aliases.get(k) in (None, *missing)]
     if missing or unexpected:
         raise UserError(f"{path} does not fit the model in {META} "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -133,6 +155,14 @@ def load_tokenizers(run_dir: Path) -> tuple[Tokenizer, Tokenizer]:
 
 def save_chat_template(run_dir: Path, template: str) -> None:
     atomic_write_text(Path(run_dir) / CHAT_TEMPLATE, template)
+
+
+def save_hf_source(run_dir: Path, files: dict[str, str]) -> None:
+    """An imported checkpoint's own small JSON files (name -> text), in hf-source/."""
+    folder = Path(run_dir) / HF_SOURCE
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic_write_text(folder / name, text)
 
 
 def chat_template(run_dir: Path, required: bool = False) -> str:

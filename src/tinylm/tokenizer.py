@@ -6,6 +6,11 @@ Two kinds, both lossless on any Unicode text:
 - `bpe`: byte-level BPE (GPT-2 style) learned from the corpus with `vocab_size` entries.
 
 Both reserve the same special tokens, so later stages (masked LM, chat) find them in any run.
+
+An imported tokenizer (a Hugging Face or GGUF checkpoint's) keeps its own vocabulary and special
+tokens: `roles` says which of its tokens plays padding, begin and end of text (SmolLM2:
+<|im_start|>, <|im_end|>), and is saved beside the tokenizer file (`tokenizer.roles.json`),
+since the tokenizers format has no place for it.
 """
 
 from __future__ import annotations
@@ -24,19 +29,33 @@ BOS, EOS, PAD, MASK = "<|bos|>", "<|eos|>", "<|pad|>", "<|mask|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, MASK, SYSTEM, USER, ASSISTANT, END]
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+TINYLM_ROLES = {"pad": PAD, "bos": BOS, "eos": EOS, "mask": MASK}
+
+
+def roles_path(path: Path) -> Path:
+    """Where a tokenizer file's roles are kept: tokenizer.json -> tokenizer.roles.json."""
+    return Path(path).with_suffix(".roles.json")
 
 
 class Tokenizer:
-    """A thin, typed wrapper over `tokenizers.Tokenizer` with tinylm's special tokens."""
+    """A thin, typed wrapper over `tokenizers.Tokenizer` with the ids of its special roles.
 
-    def __init__(self, hf: HFTokenizer):
+    `roles` maps 'pad', 'bos', 'eos' (and 'mask', optional) to the token that plays each;
+    None = tinylm's own tokens, which a tokenizer tinylm trained always has (with the chat
+    role tokens). `mask_id` is None for a tokenizer without a mask token."""
+
+    def __init__(self, hf: HFTokenizer, roles: dict[str, str] | None = None):
         self.hf = hf
-        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        self.roles = dict(roles) if roles is not None else dict(TINYLM_ROLES)
+        wanted = SPECIAL_TOKENS if roles is None else list(self.roles.values())
+        missing = [t for t in wanted if hf.token_to_id(t) is None]
         if missing:
             raise UserError(f"tokenizer lacks special tokens {missing}; retrain it with tinylm")
-        self.pad_id, self.bos_id, self.eos_id, self.mask_id = (
-            hf.token_to_id(t) for t in (PAD, BOS, EOS, MASK)
-        )
+        if any(r not in self.roles for r in ("pad", "bos", "eos")):
+            raise UserError(f"tokenizer roles {self.roles} must name pad, bos and eos")
+        self.pad_id, self.bos_id, self.eos_id = (
+            hf.token_to_id(self.roles[r]) for r in ("pad", "bos", "eos"))
+        self.mask_id = hf.token_to_id(self.roles["mask"]) if "mask" in self.roles else None
 
     @property
     def vocab_size(self) -> int:
@@ -65,19 +84,33 @@ class Tokenizer:
         return self.hf.to_str()
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
+        roles = "" if self.roles == TINYLM_ROLES else json.dumps(self.roles, sort_keys=True)
+        return hashlib.sha256((self.to_str() + roles).encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
+        """The tokenizer file, and its roles file when the roles are not tinylm's own."""
+        side = roles_path(path)
+        if self.roles != TINYLM_ROLES:
+            atomic_write_text(side, json.dumps(self.roles, indent=2))
+        elif side.is_file():
+            side.unlink()  # an older tokenizer's roles must not attach to this one
         atomic_write_text(path, self.to_str())
 
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
         if not Path(path).is_file():
             raise UserError(f"{path}: no tokenizer file; is this a tinylm run dir?")
+        roles = None
+        if roles_path(path).is_file():
+            try:
+                roles = json.loads(roles_path(path).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{roles_path(path)} is not valid JSON ({e})") from None
         try:
-            return cls(HFTokenizer.from_str(Path(path).read_text(encoding="utf-8")))
+            hf = HFTokenizer.from_str(Path(path).read_text(encoding="utf-8"))
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
+        return cls(hf, roles)
 
 
 def train_char(text: str) -> Tokenizer:

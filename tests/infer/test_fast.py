@@ -20,6 +20,13 @@ CONFIGS = {
     "relu2-rope": GPTConfig(**SMALL | {"n_head": 4}, mlp="relu2", qk_norm=False),
     "relu-layernorm-bias": GPTConfig(**SMALL, mlp="relu", norm="layer", bias=True,
                                      tie_embeddings=True),
+    # SmolLM2's switches: 4 query heads over 2 key/value heads, RMSNorm eps 1e-5, tied, and
+    # Qwen2's q/k/v-only biases with a Llama 3.1 scaled rope
+    "gqa-llama": GPTConfig(**SMALL | {"n_head": 4}, mlp="swiglu", qk_norm=False, n_kv_head=2,
+                           norm_eps=1e-5, tie_embeddings=True, rope_theta=1e5),
+    "mqa-qwen2-llama3-rope": GPTConfig(**SMALL | {"n_head": 4}, mlp="swiglu", qk_norm=False,
+                                       n_kv_head=1, qkv_bias=True, rope_scaling="llama3",
+                                       rope_factor=8.0, rope_original_max_len=16),
 }
 
 
@@ -56,7 +63,9 @@ def test_fp32_logits_equal_the_models(name, pack):
 # is tried at its default); a field with listed values is tried at each of them.
 OTHER_VALUES = {"vocab_size": 60, "block_size": 32, "depth": 2, "n_layer": 1, "n_head": 4,
                 "d_model": 64, "mlp_ratio": 2.5, "rope_theta": 500.0, "tie_embeddings": True,
-                "logit_softcap": 5.0, "zero_init": True, "dropout": 0.1}
+                "logit_softcap": 5.0, "zero_init": True, "dropout": 0.1, "n_kv_head": 1,
+                "norm_eps": 1e-3, "rope_factor": 4.0, "rope_low_freq_factor": 2.0,
+                "rope_high_freq_factor": 8.0, "rope_original_max_len": 8}
 
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(GPTConfig)])
@@ -192,3 +201,55 @@ def test_logit_bias_from_json_and_its_errors():
     model = GPT(CONFIGS["gpt2"]).eval()
     forced = SamplingParams(max_new_tokens=3, temperature=0.8, logit_bias={9: 100.0})
     assert Engine(model).generate([[1, 2]], forced)[0].token_ids == [9, 9, 9]
+
+
+def test_engine_with_grouped_query_attention_equals_the_naive_reference():
+    """4 query heads over 2 key/value heads: the engine's caches hold 2 heads (half the bytes
+    of plain attention, fp32 and the kernel's bf16 alike) and its greedy tokens equal the
+    full-forward reference's, for a batch of 3 prompts of different lengths."""
+    from tinylm.infer.engine import naive_generate
+    from tinylm.tokenizer import train_char
+
+    tok = train_char("the cat sat on the mat. a dog ran to the sun.\n" * 3)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL | {"n_head": 4, "vocab_size": tok.vocab_size}, mlp="swiglu",
+                          n_kv_head=2, qk_norm=False, norm_eps=1e-5)).eval()
+    with torch.no_grad():  # far from uniform, so greedy choices are not near-ties
+        for p in model.parameters():
+            p.mul_(3.0)
+    for dtype in (None, torch.int8):
+        cache = FastGPT(model, dtype).new_cache(2, 8)
+        assert cache.k.shape[2] == cache.v.shape[2] == 2  # n_kv_head heads, not n_head
+    prompts = ["the cat", "a dog ran to the", "s"]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    for prompt, c in zip(prompts, Engine(model, tok).generate(prompts, params)):
+        ref = naive_generate(model, torch.tensor([tok.encode(prompt)]), params)[0].tolist()
+        assert c.prompt_ids + c.token_ids == ref
+
+
+def test_auto_picks_what_measured_faster_once_per_machine_and_shape(monkeypatch, tmp_path):
+    """`auto` on a CPU with native bf16 is int8 or bf16 as `race_int8_bf16` found for this
+    shape here; the result is cached, so the race runs once per shape."""
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
+    calls = []
+    winner = {"name": "bf16"}
+
+    def race(c):
+        calls.append(c.d_model)
+        return winner["name"]
+
+    monkeypatch.setattr(fast, "race_int8_bf16", race)
+    monkeypatch.setattr(fast, "native_bf16", lambda device: True)
+    model = GPT(CONFIGS["gqa-llama"])
+    assert fast.resolve_dtype("auto", model) == torch.bfloat16
+    winner["name"] = "int8"  # a second call reads the cache and does not race again
+    assert fast.resolve_dtype("auto", model) == torch.bfloat16 and calls == [128]
+    assert fast.resolve_dtype("auto", GPT(CONFIGS["gpt2"])) == torch.int8  # another shape
+    assert len(calls) == 2 and (tmp_path / fast.AUTO_FILE).is_file()
+    monkeypatch.setattr(fast, "native_bf16", lambda device: False)
+    assert fast.resolve_dtype("auto", model) == torch.float32
+
+
+def test_the_int8_bf16_race_runs_the_models_shapes():
+    c = GPTConfig(**SMALL | {"n_head": 4}, mlp="swiglu", n_kv_head=2)
+    assert fast.race_int8_bf16(c, repeats=1) in ("int8", "bf16")

@@ -34,38 +34,43 @@ def no_compiler(request, monkeypatch, tmp_path):
 @pytest.mark.parametrize("qk_norm,rope,shared_rope", [(True, True, False), (False, False, False),
                                                       (False, True, True)])
 @pytest.mark.parametrize("pos,D", [(0, 64), (36, 64), (299, 80), (4, 8)])
-def test_decode_attention_kernel_equals_pytorch(qk_norm, rope, shared_rope, pos, D):
+@pytest.mark.parametrize("Hk", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
+def test_decode_attention_kernel_equals_pytorch(qk_norm, rope, shared_rope, pos, D, Hk):
     """QK-norm, rotary embedding, the cache write at `pos` and attention over each row's
-    positions start..pos, against the same steps in PyTorch (fp32 over the bf16 cache)."""
+    positions start..pos, against the same steps in PyTorch (fp32 over the bf16 cache), with
+    4 query heads over 4, 2 or 1 key/value heads (grouped-query attention: the cache holds Hk
+    heads, each shared by H / Hk query heads)."""
     torch.manual_seed(0)
     B, H = 3, 4
-    qkv = torch.randn(B, 3, H, D).bfloat16()
+    qkv = torch.randn(B, H + 2 * Hk, D).bfloat16()
     qk_w = torch.rand(2, D) + 0.5 if qk_norm else None
     rows = 1 if shared_rope else B
     cos_sin = (torch.randn(rows, D), torch.randn(rows, D)) if rope else None
-    cache = KVCache(1, B, H, D, 400, torch.bfloat16, key_block=kernels.KEY_BLOCK)
-    old_keys, old_values = cache.append(0, *(torch.randn(B, H, pos, D) for _ in "kv"))
+    cache = KVCache(1, B, Hk, D, 400, torch.bfloat16, key_block=kernels.KEY_BLOCK)
+    old_keys, old_values = cache.append(0, *(torch.randn(B, Hk, pos, D) for _ in "kv"))
     cache.advance(pos)
     start = torch.tensor([0, pos // 2, pos])
 
-    q, k = qkv[:, 0].float(), qkv[:, 1].float()  # (B, H, D)
+    q, k, v = qkv[:, :H].float(), qkv[:, H : H + Hk].float(), qkv[:, H + Hk :]  # (B, heads, D)
     if qk_norm:
         q, k = F.rms_norm(q, (D,), qk_w[0], 1e-6), F.rms_norm(k, (D,), qk_w[1], 1e-6)
     if rope:
         cos, sin = (t[:, None] for t in cos_sin)
         q, k = (x * cos + x.roll(D // 2, dims=-1) * sin for x in (q, k))
     keys = torch.cat([old_keys.float(), k.bfloat16().float()[:, :, None]], 2)
-    values = torch.cat([old_values.float(), qkv[:, 2, :, None].float()], 2)
+    values = torch.cat([old_values.float(), v[:, :, None].float()], 2)
+    keys, values = (x.repeat_interleave(H // Hk, 1) for x in (keys, values))  # (B, H, S, D)
     allowed = (torch.arange(pos + 1) >= start[:, None])[:, None, None, :]
     want = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed)
 
-    got = kernels.decode_attention(qkv.view(B, -1), cache, 0, start, qk_w, 1e-6, cos_sin)
+    got = kernels.decode_attention(qkv.view(B, -1), cache, 0, start, qk_w, 1e-6, cos_sin, H)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.reshape(B, H * D), atol=2e-2, rtol=2e-2)
     new_keys = cache.keys(0, pos + 1)
     assert torch.equal(new_keys[:, :, :pos], old_keys)
     torch.testing.assert_close(new_keys[:, :, pos].float(), k, atol=2e-2, rtol=2e-2)
-    assert torch.equal(cache.v[0, :, :, pos], qkv[:, 2])
+    assert cache.k.shape[2] == cache.v.shape[2] == Hk
+    assert torch.equal(cache.v[0, :, :, pos], v)
 
 
 @needs_kernel
@@ -86,7 +91,10 @@ def test_c_rms_norm_equals_pytorchs_on_rows_and_on_q_and_k_inside_a_fused_qkv(dt
 
 
 @needs_kernel
-@pytest.mark.parametrize("config", [SMALL, gpt2_style(**GPT2_SMALL)], ids=["qwen3-like", "gpt2"])
+@pytest.mark.parametrize("config", [SMALL, gpt2_style(**GPT2_SMALL),
+                                    GPTConfig(**GPT2_SMALL | {"n_head": 4}, mlp="swiglu",
+                                              n_kv_head=2, qk_norm=True)],
+                         ids=["qwen3-like", "gpt2", "gqa"])
 def test_int8_decode_on_the_bf16_cache_matches_the_fp32_cache(monkeypatch, config):
     """The kernel's only difference from PyTorch's path is keys and values rounded to bf16."""
     torch.manual_seed(0)

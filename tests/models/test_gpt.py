@@ -69,3 +69,29 @@ def test_ignored_targets_do_not_count():
     full = model(x)
     expected = torch.nn.functional.cross_entropy(full[0, 3:4], torch.tensor([7]))
     assert torch.allclose(model(x, y), expected, atol=1e-6)
+
+
+def test_grouped_query_attention_equals_attention_with_repeated_key_value_heads():
+    """n_kv_head=2 of 4: k and v weights are half size, the cache holds 2 heads, and the
+    logits equal those of plain attention whose k/v rows repeat each head for its group."""
+    torch.manual_seed(0)
+    base = dict(vocab_size=40, block_size=16, n_layer=2, n_head=4, d_model=32, mlp="swiglu",
+                zero_init=False)
+    gqa = GPT(GPTConfig(**base, n_kv_head=2)).eval()
+    mha = GPT(GPTConfig(**base)).eval()
+    sd = gqa.state_dict()
+    for name, w in list(sd.items()):
+        if name.endswith(("attn.k.weight", "attn.v.weight")):
+            assert w.shape == (16, 32)
+            sd[name] = w.unflatten(0, (2, 8)).repeat_interleave(2, 0).flatten(0, 1)
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 40, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
+        cache = gqa.new_cache(2, 12)
+        gqa.decode(x[:, :9], cache)
+        step = gqa.decode(x[:, 9:], cache)
+    assert cache.k.shape == (2, 2, 2, 12, 8)  # (n_layer, B, n_kv_head, T, head_dim)
+    torch.testing.assert_close(step[:, 0], mha(x)[:, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head=4"):
+        GPTConfig(**base, n_kv_head=3)

@@ -93,3 +93,30 @@ def test_sft_without_data_or_init_is_a_one_line_error(init_run, chats, tmp_path,
     err = error_of(["sft", "--init", str(init_run), "--data", str(bad), "--out",
                     str(tmp_path / "c")], capsys)
     assert "bad.jsonl:1: the conversation has no assistant turn" in err
+
+
+def test_eval_chat_scores_held_out_requests_through_the_template(init_run, chats, tmp_path,
+                                                                  capsys):
+    sft.run(sft_cfg(init_run, chats, tmp_path / "sft", "train.steps=5"))
+    rows = [{"messages": [{"role": "user", "content": f"Tell me a story about a girl named {n} "
+                                                      f"and a {o}."},
+                          {"role": "assistant", "content": f"{n} had a {o}."}],
+             "task": "story", "name": n, "object": o} for n, o in (("Mia", "kite"),
+                                                                   ("Sue", "ball"))]
+    rows.append({"messages": [{"role": "user", "content": "Translate to French: I am cold."},
+                              {"role": "assistant", "content": "J'ai froid."}],
+                 "task": "translate", "refs": ["J'ai froid."]})
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["eval-chat", "--run", str(tmp_path / "sft"), "--data", str(held)]) == 0
+    out = capsys.readouterr().out
+    m = json.loads(out.splitlines()[-1])
+    assert (m["stories"], m["translations"]) == (2, 1)
+    assert m["request_following"] == out.count("[ok]") / 2  # the guideline rule's verdicts
+    model, tok = rundir.load(tmp_path / "sft")
+    data = chat.ChatData([chat.render(tok, r["messages"]) for r in rows], 64, tok.pad_id)
+    assert abs(m["assistant_loss"] - assistant_loss(model, data, 16)) < 1e-4
+    assert main(["eval-chat", "--run", str(init_run), "--plain", "--data", str(held)]) == 0
+    plain = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert "assistant_loss" not in plain and plain["stories"] == 2

@@ -1,20 +1,28 @@
 """`tinylm data make-chat`: a dialogue set made from the shipped corpora, deterministically.
 
 The recipe (docs/chat.md says it at length):
-- **story requests.** Every TinyStories paragraph that names a character ("a little girl
-  named Lily") is cut, from that sentence, to at most `max_words` words ending at a sentence
-  end; if it holds one of `OBJECTS`, the user asks "Tell me a story about a girl named Lily
-  and a ball.", and the assistant answers with the excerpt, its first sentence replaced by one
-  that names both ("Once upon a time, there was a girl named Lily who had a ball."), as a
-  person answering the request would open.
-- **a follow-up** on every other story: "What was the girl's name?" -> "Her name was Lily."
+- **story passages.** Walking TinyStories paragraph by paragraph, a sentence like "there was
+  a little girl named Lily" introduces a story's character; that paragraph (from that
+  sentence on) and each later paragraph of the same story that names Lily is a passage, cut
+  to at most `max_words` words at a sentence end. Each of `OBJECTS` a passage mentions makes
+  one request ("Tell me a story about a girl named Mia and a ball."), answered with a
+  sentence that names both ("Once upon a time, there was a girl named Mia who had a ball.")
+  and then the passage, with the story's own name replaced by the requested one throughout
+  (the introducing sentence gives way to the new opening).
+- **many names.** Each (passage, object) is asked with several names of the character's kind
+  (girls' names for a girl, ...; the names the corpus gives), more for rare objects, so every
+  object is asked roughly equally often and the model learns to copy the object and the
+  name out of the request rather than to guess the corpus' favourite ("a toy", "Lily").
+- **a follow-up** on every other story: "What was the girl's name?" -> "Her name was Mia."
   (his / its after a boy's or an animal's story), which the story answers.
 - **translation.** "Translate to French: I am cold." -> "J'ai froid." from the eng-fra pairs.
 - **about tinylm.** A few turns ("Who are you?").
 
-Held-out requests are new combinations: a (name, object) pair is held out when a hash of it
-falls in the held-out share, so its name and its object each appear in training with others,
-never together. Translation sources are held out the same way.
+Held out are new requests: a (name, object) combination is held out when a hash of it falls
+in the held-out share, so every held-out name and object appears in training with others,
+never together; held-out requests are also answered from held-out stories (a hash of the
+introducing sentence), whose passages are never trained on. Translation sources are held
+out by a hash as well.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from tinylm.data.pairs import read_pairs
@@ -41,6 +50,7 @@ ABOUT = [
     ("Hello!", "Hello! Ask me for a story about someone and something."),
 ]
 NAMED = re.compile(r"\b(?:a|an) (?:[a-z]+ ){0,2}?([a-z]+) named ([A-Z][a-z]+)")
+TITLES = {"Mr", "Mrs", "Ms", "Miss", "Dr", "Sir", "Mister"}  # "named Mr. Brown": no first name
 SENTENCE = re.compile(r"[^.!?]*[.!?]+[\"']?\s*")
 
 
@@ -49,61 +59,130 @@ def held(key: str, fraction: float) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) < fraction * 0x100000000
 
 
-def story_requests(text: str, max_words: int) -> list[dict]:
-    """(kind, name, object, excerpt) of every story opening that fits the recipe."""
-    out = []
-    for para in text.split("\n\n"):
-        para = " ".join(para.split())
-        m = NAMED.search(para)
-        if m is None:
-            continue
-        kind, name = m.groups()
-        excerpt, words = "", 0
-        for sentence in SENTENCE.findall(para[para.rfind(".", 0, m.start()) + 1:]):
-            n = len(sentence.split())
-            if words + n > max_words:
-                break
-            excerpt, words = excerpt + sentence, words + n
-        excerpt = excerpt.strip()
-        found = [o for o in OBJECTS if re.search(rf"\b{o}\b", excerpt)]
-        if name in excerpt and found and len(excerpt.split()) >= 12:
-            obj = found[0]
-            # The story's own first sentence gives way to one that names both, the way a
-            # person answering the request would open: "... a girl named Lily who had a ball."
-            rest = excerpt[len(SENTENCE.match(excerpt).group(0)):].strip()
-            opening = f"Once upon a time, there was a {kind} named {name} who had {_a(obj)}."
-            out.append({"kind": kind, "name": name, "object": obj,
-                        "story": f"{opening} {rest}".strip()})
-    return out
+def _rank(key: str) -> str:
+    """A stable pseudo-random order (sort by it) that needs no seeded generator."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _a(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
-def story_conversation(r: dict, follow_up: bool) -> dict:
-    request = f"Tell me a story about a {r['kind']} named {r['name']} and {_a(r['object'])}."
+def _mentions(text: str, word: str) -> bool:
+    return re.search(rf"\b{word}s?\b", text) is not None
+
+
+def _cut(text: str, max_words: int) -> str:
+    """The longest run of whole sentences from the start of `text` within `max_words`."""
+    out, words = "", 0
+    for sentence in SENTENCE.findall(text):
+        n = len(sentence.split())
+        if words + n > max_words:
+            break
+        out, words = out + sentence, words + n
+    return out.strip()
+
+
+def story_passages(text: str, max_words: int) -> list[dict]:
+    """{kind, name, story (its introducing paragraph), passage} of every passage of the
+    recipe: the introducing paragraph after its introducing sentence, or a later paragraph
+    of the same story that names the character."""
+    out, cur = [], None
+    for para in text.split("\n\n"):
+        para = " ".join(para.split())
+        m = NAMED.search(para)
+        if m is not None:
+            start = para[para.rfind(".", 0, m.start()) + 1:].lstrip()
+            first = SENTENCE.match(start)
+            if first is None or m.group(2) in TITLES:
+                cur = None
+                continue
+            cur = {"kind": m.group(1), "name": m.group(2), "story": para}
+            para = start[len(first.group(0)):]
+        elif para.startswith("Once upon a time"):  # a new story, with nobody named yet
+            cur = None
+            continue
+        if cur is None or not re.search(rf"\b{cur['name']}\b", para):
+            continue
+        passage = _cut(para, max_words)
+        if len(passage.split()) >= 8:
+            out.append(cur | {"passage": passage})
+    return out
+
+
+def name_pools(passages: list[dict]) -> dict[str, list[str]]:
+    """The names the corpus gives each kind of character: girls', boys', and everyone
+    else's (animals, toys, ...), most frequent first."""
+    pools: dict[str, Counter] = {"girl": Counter(), "boy": Counter(), "other": Counter()}
+    for p in {(p["story"], p["kind"], p["name"]) for p in passages}:
+        pools[_group(p[1])][p[2]] += 1
+    # a name goes with the group that gives it most often ("Jack" is a boy's name here)
+    home = {n: max(pools, key=lambda k: (pools[k][n], k)) for c in pools.values() for n in c}
+    return {k: [n for n, _ in sorted(c.items(), key=lambda x: (-x[1], x[0])) if home[n] == k]
+            for k, c in pools.items()}
+
+
+def _group(kind: str) -> str:
+    return kind if kind in ("girl", "boy") else "other"
+
+
+def answer(p: dict, name: str, obj: str) -> str:
+    """The passage retold about `name`, after an opening that names `name` and `obj`."""
+    opening = f"Once upon a time, there was a {p['kind']} named {name} who had {_a(obj)}."
+    retold = re.sub(rf"\b{p['name']}\b", name, p["passage"])
+    return f"{opening} {retold}"
+
+
+def story_conversation(p: dict, name: str, obj: str, follow_up: bool) -> dict:
+    request = f"Tell me a story about a {p['kind']} named {name} and {_a(obj)}."
     messages = [{"role": "user", "content": request},
-                {"role": "assistant", "content": r["story"]}]
+                {"role": "assistant", "content": answer(p, name, obj)}]
     if follow_up:
-        pronoun = HER.get(r["kind"], "Its")
-        messages += [{"role": "user", "content": f"What was the {r['kind']}'s name?"},
-                     {"role": "assistant", "content": f"{pronoun} name was {r['name']}."}]
-    return {"messages": messages, "task": "story", "name": r["name"], "object": r["object"]}
+        pronoun = HER.get(p["kind"], "Its")
+        messages += [{"role": "user", "content": f"What was the {p['kind']}'s name?"},
+                     {"role": "assistant", "content": f"{pronoun} name was {name}."}]
+    return {"messages": messages, "task": "story", "name": name, "object": obj}
 
 
-def make_chat(out_dir: str | Path, held_fraction: float = 0.1, max_words: int = 60,
-              translations: int = 600) -> dict[str, int]:
+def story_conversations(passages: list[dict], held_fraction: float, per_object: int,
+                        max_names: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) story requests. Training asks each (passage, object) with about
+    `per_object` / (the object's passage count) names (1 to `max_names`), so that rare
+    objects are asked as often as common ones; held-out stories are asked once per
+    (passage, object), with a name whose combination with the object is held out."""
+    pools = name_pools(passages)
+    asked = [(p, o) for p in passages for o in OBJECTS if _mentions(p["passage"], o)]
+    count = Counter(o for _, o in asked)
+    train, heldout, seen = [], [], set()
+    for i, (p, o) in enumerate(asked):
+        held_story = held(p["story"], held_fraction)
+        names = sorted((n for n in pools[_group(p["kind"])]
+                        if held(f"{n}|{o}", held_fraction) == held_story
+                        and not re.search(rf"\b{n}\b", p["passage"].replace(p["name"], ""))),
+                       key=lambda n: _rank(f"{i}|{n}"))
+        if held_story:
+            names = [n for n in names if (p["kind"], n, o) not in seen][:1]
+            seen.update((p["kind"], n, o) for n in names)
+        else:
+            names = names[:max(1, min(max_names, round(per_object / count[o])))]
+        for n in names:
+            convo = story_conversation(p, n, o, follow_up=_rank(f"{i}|{n}|f") < "8")
+            (heldout if held_story else train).append(convo)
+    # a held-out request combines a name and an object that training asks about separately
+    names, objects = {r["name"] for r in train}, {r["object"] for r in train}
+    return train, [r for r in heldout if r["name"] in names and r["object"] in objects]
+
+
+def make_chat(out_dir: str | Path, held_fraction: float = 0.1, max_words: int = 40,
+              per_object: int = 160, max_names: int = 12, translations: int = 600
+              ) -> dict[str, int]:
     """Write chat-train.jsonl and chat-heldout.jsonl into `out_dir`; returns the counts."""
     out_dir = Path(out_dir)
-    train, heldout = [], []
-    for i, r in enumerate(story_requests(load_text("tinystories"), max_words)):
-        combo = f"{r['name']}|{r['object']}"
-        (heldout if held(combo, held_fraction) else train).append(
-            story_conversation(r, follow_up=i % 2 == 0))
+    passages = story_passages(load_text("tinystories"), max_words)
+    train, heldout = story_conversations(passages, held_fraction, per_object, max_names)
     pairs = read_pairs("eng-fra").pairs
     sources = sorted({p.src for p in pairs})[:translations]
-    first = {}
+    first: dict[str, str] = {}
     for p in pairs:
         first.setdefault(p.src, p.tgt)
     for src in sources:

@@ -1,6 +1,6 @@
 """How well a chat model does what it is asked, on held-out requests (data/make_chat.py):
 
-- assistant-token loss (the SFT objective on held-out conversations);
+- assistant-token loss (the SFT objective) on the held-out conversations;
 - request-following rate: the share of story requests whose greedy answer names the requested
   character and the requested object and ends with a finished sentence;
 - translation chrF of the greedy answers to "Translate to French: ..." requests.
@@ -11,6 +11,8 @@ request, then a new line), the baseline SFT is measured against.
 
 from __future__ import annotations
 
+import torch
+
 from tinylm.data import chat
 from tinylm.eval.translation import score
 from tinylm.feedback.guidelines import follows_request
@@ -18,8 +20,9 @@ from tinylm.infer.chat import turn_end_ids
 from tinylm.infer.engine import Engine, SamplingParams
 
 
+@torch.no_grad()
 def assistant_loss(model, data: chat.ChatData, batch_size: int) -> float:
-    """Mean loss per assistant token over `data`."""
+    """Mean loss per assistant token over `data` (no graph: it only measures)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for x, y in data.batches(batch_size):
@@ -47,9 +50,17 @@ def answers(engine: Engine, requests: list[str], template: str | None,
 
 def chat_metrics(engine: Engine, rows: list[dict], template: str | None,
                  max_new_tokens: int = 96) -> dict:
+    """The metrics of the module docstring on held-out `rows` (make_chat's JSONL rows);
+    assistant_loss only through a chat template, since plain text has no assistant turns."""
     stories = [r for r in rows if r.get("task") == "story"]
     trans = [r for r in rows if r.get("task") == "translate"]
     out: dict = {}
+    tok, block = engine.tok, engine.model.config.block_size
+    max_new_tokens = max(1, min(max_new_tokens, block - 32))  # leave the request some room
+    if template is not None:  # the SFT objective on conversations never trained on
+        held = chat.ChatData([chat.render(tok, r["messages"], template) for r in rows], block,
+                             tok.pad_id)
+        out["assistant_loss"] = assistant_loss(engine.model, held, 16)
     if stories:
         got = answers(engine, [r["messages"][0]["content"] for r in stories], template,
                       max_new_tokens)
@@ -58,7 +69,8 @@ def chat_metrics(engine: Engine, rows: list[dict], template: str | None,
                 "samples": [{"request": r["messages"][0]["content"], "answer": a, "ok": k}
                             for r, a, k in list(zip(stories, got, ok))[:5]]}
     if trans:
-        got = answers(engine, [r["messages"][0]["content"] for r in trans], template, 32)
+        got = answers(engine, [r["messages"][0]["content"] for r in trans], template,
+                      min(32, max_new_tokens))
         out |= {"translations": len(trans),
                 "chrf": score([a.strip() for a in got], [r["refs"] for r in trans])["chrf"]}
     return out

@@ -1,13 +1,19 @@
 """Text generation: the one engine behind sampling, chat, the server, PPO rollouts and labeling.
 
-`Engine.generate` takes a batch of prompts (text or token ids), each with its own
-`SamplingParams`, and runs them together: one *prefill* pass writes every prompt's keys and
-values into a preallocated `KVCache`, then each *decode* step feeds only the newest token of
-every row. Prompts of different lengths are left-padded; the cache's `pad` counts keep the
-padding out of attention and start each row's positions at 0, so a row's tokens do not depend
-on its batch mates. Rows that finish keep riding along (their outputs are ignored) until at
-least half the batch is done; then the cache is compacted, so finished requests stop costing
-compute without a costly copy at every step.
+Everything runs on one step machinery (`_Batch`) with continuous batching: requests join a
+running batch at any step and leave it the step they finish. A newcomer's prompt is prefilled
+on its own (each distinct prompt once: `n > 1` forks the cache) and its keys and values are
+spliced into a free row of the running `KVCache`, left-padded so that it ends where every row's
+next token goes; the cache's `pad` counts keep the padding out of attention and start each
+row's positions at 0, so a row's tokens do not depend on its batch mates or on when it joined
+(`_Slots` holds the row operations: splice, shift, compact, drop). Then each *decode* step feeds
+only the newest token of every row.
+
+- `Engine.generate` / `stream` / `stream_batch` drive a private batch from the caller's thread
+  (more prompts than `max_batch`: each finished row's place goes to the next prompt);
+- `Scheduler` drives one from a background thread for concurrent clients (the server): submit,
+  then iterate a `Request`'s `Event`s (blocking or asyncio), cancel, or wait for its result;
+  a bounded waiting queue raises `QueueFull`.
 
 `naive_generate` runs the whole model over the whole sequence at every step: slow, obviously
 correct, and kept as the reference the engine is tested against token for token. Both share the
@@ -20,9 +26,14 @@ penalties, temperature and top-k/top-p), as PPO needs and as vLLM reports by def
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +41,7 @@ import torch
 from tinylm.errors import UserError
 from tinylm.infer.fast import FastGPT, check_supported, resolve_dtype
 from tinylm.models.gpt import GPT
+from tinylm.models.layers import KVCache
 
 
 @dataclass
@@ -104,7 +116,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (stop token or string) | "length" (max_new_tokens)
+    finish_reason: str  # "stop" (stop token or string) | "length" (max_new_tokens) | "cancelled"
     prompt_ids: list[int]
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per step: (token id, logprob)
@@ -232,6 +244,21 @@ class _Row:
         self.pending = ""  # held back: might be the start of a stop string
         self.prefix_off = self.read_off = 0
         self.n_text_tokens = 0  # tokens that count for the text (a stop token does not)
+        self.cancelled = False  # set from another thread; the batch drops the row next step
+
+    def fork(self, index: int) -> _Row:
+        """Another continuation of the same prompt (n > 1). With a seed, its generator starts
+        from a seed derived from (seed, index), so the n samples differ but are reproducible."""
+        p = self.params
+        if p.seed is not None:
+            p = dataclasses.replace(p, seed=(p.seed * 1_000_003 + index) % 2**63)
+        return _Row(index, self.prompt, p, self.stop_ids, self.tok)
+
+    def event(self, delta: str) -> Event:
+        """The Event of the token just added, which released `delta`."""
+        lp = self.logprobs[-1] if self.params.logprobs else None
+        top = self.top[-1] if self.params.top_logprobs else None
+        return Event(self.tokens[-1], delta, lp, top)
 
     def add(self, token: int) -> str:
         """Take one sampled token; returns the newly valid text (maybe empty)."""
@@ -293,13 +320,14 @@ class _Row:
         return out + rest
 
     def completion(self) -> Completion:
-        return Completion(self.text, self.tokens, self.finish or "length", self.prompt,
+        return Completion(self.text, list(self.tokens), self.finish or "length", self.prompt,
                           self.logprobs if self.params.logprobs else None,
                           self.top if self.params.top_logprobs else None)
 
 
 class _Settings:
-    """Per-row sampling settings as tensors, so one step samples the whole batch at once."""
+    """Per-row sampling settings as tensors, so one step samples the whole batch at once.
+    Made again whenever rows join or leave (cheap next to a decode step)."""
 
     def __init__(self, rows: list[_Row], V: int, device: torch.device):
         ps = [r.params for r in rows]
@@ -320,16 +348,14 @@ class _Settings:
             self.repetition = col([p.repetition_penalty for p in ps])[:, None]
             self.frequency = col([p.frequency_penalty for p in ps])[:, None]
             self.presence = col([p.presence_penalty for p in ps])[:, None]
+            # Rebuilt whenever rows join or leave, from what each row has seen so far.
             self.seen = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
-            for i, r in enumerate(rows):
-                self.seen[i, r.prompt] = True
             self.counts = torch.zeros(len(rows), V, device=device)
-
-    def select(self, keep: torch.Tensor) -> None:
-        for name in ("greedy", "temperature", "top_k", "top_p", "bias", "repetition",
-                     "frequency", "presence", "seen", "counts"):
-            if getattr(self, name, None) is not None:
-                setattr(self, name, getattr(self, name)[keep])
+            for i, r in enumerate(rows):
+                self.seen[i, r.prompt + r.tokens] = True
+                if r.tokens:
+                    self.counts[i] = torch.bincount(torch.tensor(r.tokens), minlength=V).to(
+                        self.counts)
 
     def choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Next token ids (B,) from logits (B, V) under each row's settings."""
@@ -379,7 +405,9 @@ class TextStream:
 class Engine:
     """Batched generation with a KV cache. `model` is a GPT, run through its `FastGPT` twin
     (a config FastGPT does not implement is a UserError here); `tokenizer` is needed for text
-    prompts and output."""
+    prompts and output. `max_batch`: the most rows `generate` decodes together. The model's
+    train/eval mode is left alone: FastGPT has no dropout, and a Scheduler's thread must not
+    flip the mode of a model that another thread trains."""
 
     def __init__(self, model: GPT, tokenizer=None, max_batch: int = 64,
                  dtype: str | torch.dtype | None = None):
@@ -426,6 +454,36 @@ class Engine:
         self._need_tokenizer("streaming text")
         rows = self._rows(prompts, params)  # validate now, not at the first next()
         return ((row.index, delta) for row, delta in self._run(rows) if delta)
+
+    def prompt_logprobs(self, ids: Sequence[int], top_n: int = 0
+                        ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        """The logprob of every token of `ids` given the ones before it (the first has none:
+        None), and the `top_n` most likely tokens at each position (the first: []). What an
+        echoed completion with logprobs reports, and what log-likelihood evaluations
+        (lm-evaluation-harness) score. One forward pass over the whole sequence."""
+        ids = [int(i) for i in ids]
+        V = self.model.config.vocab_size
+        if not ids:
+            raise UserError("prompt_logprobs needs at least one token")
+        if len(ids) > self.block_size:
+            raise UserError(f"the sequence is {len(ids)} tokens, longer than the context window "
+                            f"(block_size={self.block_size}); shorten it")
+        if not all(0 <= i < V for i in ids):
+            raise UserError(f"token ids must be in 0..{V - 1}")
+        if not 0 <= top_n <= 20:
+            raise UserError(f"top_n={top_n} must be in 0..20")
+        net = self.net()
+        with torch.inference_mode():
+            idx = torch.tensor([ids], device=net.device)  # (1, T)
+            cache = net.new_cache(1, len(ids))
+            logp = net.decode(idx, cache)[0, :-1].float().log_softmax(-1)  # (T-1, V)
+            chosen = logp.gather(-1, idx[0, 1:, None])[:, 0].tolist()
+            top = torch.topk(logp, top_n) if top_n else None
+        alternatives: list[list[tuple[int, float]]] = [[]]
+        for t in range(len(ids) - 1):
+            alternatives.append([] if top is None else list(
+                zip(top.indices[t].tolist(), top.values[t].tolist())))
+        return [None, *chosen], alternatives
 
     # -- requests --
     def _need_tokenizer(self, what: str) -> None:
@@ -480,74 +538,16 @@ class Engine:
                             f"{block - len(ids)} or shorten the prompt")
         return ids
 
-    def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Batches that fit: the longest prompt plus the most new tokens of a batch must fit
-        the window (rows are left-padded to the longest prompt)."""
-        groups: list[list[_Row]] = []
-        cur: list[_Row] = []
-        for r in sorted(rows, key=lambda r: len(r.prompt)):
-            cand = cur + [r]
-            need = max(len(x.prompt) for x in cand) + max(x.params.max_new_tokens for x in cand)
-            if cur and (len(cand) > self.max_batch or need > self.block_size):
-                groups.append(cur)
-                cand = [r]
-            cur = cand
-        return groups + ([cur] if cur else [])
-
     # -- the loop --
     def _run(self, rows: list[_Row]) -> Iterator[tuple[_Row, str]]:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            for group in self._groups(rows):
-                yield from self._run_group(group)
-        finally:
-            model.train(was_training)
-
-    def _run_group(self, rows: list[_Row]) -> Iterator[tuple[_Row, str]]:
-        model = self.net()
-        device = next(self.model.parameters()).device
+        """(row, text increment) for every token of `rows`, on the same step machinery as the
+        Scheduler's (a private `_Batch`, driven from this thread)."""
+        batch = _Batch(self, self.max_batch)
         for r in rows:
-            if r.params.max_new_tokens == 0:
-                r.finish = "length"
-        live = [r for r in rows if r.finish is None]
-        if not live:
-            return
-        with torch.inference_mode():
-            P = max(len(r.prompt) for r in live)
-            pad = [P - len(r.prompt) for r in live]
-            ids = torch.tensor([[0] * n + r.prompt for n, r in zip(pad, live)], device=device)
-            steps = max(r.params.max_new_tokens for r in live)
-            cache = model.new_cache(len(live), P + steps,
-                                    pad=torch.tensor(pad, device=device) if any(pad) else None)
-            settings = _Settings(live, model.config.vocab_size, device)
-            logits = self._prefill(model, ids, cache)  # (B, V)
-        while True:
-            with torch.inference_mode():
-                nxt = settings.choose(logits, live)  # (B,)
-                if settings.want_logprobs:
-                    self._record_logprobs(logits, nxt, live, settings.top_n)
-            events = [(r, r.add(t)) for r, t in zip(live, nxt.tolist()) if r.finish is None]
+            batch.add([r])
+        while batch.busy:
+            events, _ = batch.step()
             yield from events
-            done = [r.finish is not None for r in live]
-            if all(done):
-                return
-            with torch.inference_mode():
-                if 2 * sum(done) >= len(live):  # compact: drop the finished rows
-                    keep = [i for i, d in enumerate(done) if not d]
-                    keep_t = torch.tensor(keep, device=device)
-                    cache.select(keep_t)
-                    settings.select(keep_t)
-                    nxt, live = nxt[keep_t], [live[i] for i in keep]
-                logits = model.decode(nxt[:, None], cache)[:, -1]  # (B, V)
-
-    @staticmethod
-    def _prefill(model: FastGPT, ids: torch.Tensor, cache) -> torch.Tensor:
-        """Run the prompts through the model, filling the cache; logits (B, V) of the last
-        position only (the full (B, T, V) would be wasted work for long prompts)."""
-        h = model.hidden_states(ids, cache)  # (B, T, C)
-        return model.logits(h[:, -1:])[:, -1]
 
     @staticmethod
     def _record_logprobs(logits, nxt, rows: list[_Row], top_n: int) -> None:
@@ -561,3 +561,487 @@ class Engine:
             if r.params.top_logprobs:
                 n = r.params.top_logprobs
                 r.top.append(list(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist())))
+
+
+# --- the scheduler: continuous batching behind the server ---------------------------------------
+class QueueFull(Exception):
+    """The scheduler's bounded waiting queue is full: try again later (the server answers 503)."""
+
+
+@dataclass
+class Event:
+    """One step of one request: the token it sampled and the text that token released ("" while
+    the bytes of a character or a possible stop string are held back). The texts of all events
+    of a request concatenate to its `Completion.text`."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None  # when params.logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # when params.top_logprobs > 0
+
+
+class Request:
+    """One submitted continuation (one of `n`), filled by the scheduler's thread.
+
+    Its events are kept, so each iteration (`for e in req` blocking, `async for e in req` on
+    an event loop, without a thread per request) sees all of them from the start. Ending an
+    iteration early does not cancel the request; `cancel()` does."""
+
+    def __init__(self, row: _Row, scheduler: Scheduler):
+        self._row, self._scheduler = row, scheduler
+        self.index, self.prompt_ids, self.params = row.index, row.prompt, row.params
+        self.t_submit = time.perf_counter()
+        self.t_first_token: float | None = None
+        self.t_done: float | None = None
+        self._events: list[Event] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    # -- the scheduler's side --
+    def _push(self, events: list[Event], done: bool = False,
+              error: BaseException | None = None) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            if events and self.t_first_token is None:
+                self.t_first_token = now
+            self._events.extend(events)
+            if done or error is not None:
+                self._done, self._error, self.t_done = True, error, now
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+    # -- the client's side --
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (finish_reason "cancelled")."""
+        self._row.cancelled = True
+        self._scheduler._wake()
+
+    def __iter__(self) -> Iterator[Event]:
+        i = 0
+        while True:
+            with self._cond:
+                while len(self._events) <= i and not self._done:
+                    self._cond.wait()
+                chunk, done, error = self._events[i:], self._done, self._error
+            i += len(chunk)
+            yield from chunk
+            if done and i >= len(self._events):
+                if error is not None:
+                    raise error
+                return
+
+    async def _aiter(self) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        i = 0
+        while True:
+            flag = asyncio.Event()
+            with self._cond:
+                chunk, done, error = self._events[i:], self._done, self._error
+                if not chunk and not done:
+                    self._async_waiters.append((loop, flag))
+            if chunk:
+                i += len(chunk)
+                for e in chunk:
+                    yield e
+            elif done:
+                if error is not None:
+                    raise error
+                return
+            else:
+                await flag.wait()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._aiter()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the end; the completion (finish_reason "stop", "length" or "cancelled").
+        TimeoutError if it is not done within `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"request not done within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._row.completion()
+
+
+class Scheduler:
+    """Continuous batching over one Engine, in one background thread: a request submitted
+    while others decode joins the running batch at the next step; a finished or cancelled
+    one leaves at once. At most `max_batch` rows decode together; at most `max_waiting`
+    requests wait for a row (more raise QueueFull)."""
+
+    def __init__(self, engine: Engine, max_batch: int = 64, max_waiting: int = 256):
+        self.engine, self.max_batch, self.max_waiting = engine, max_batch, max_waiting
+        self._batch = _Batch(engine, max_batch)
+        self._inbox: list[list[_Row]] = []
+        self._requests: dict[int, Request] = {}  # id(row) -> its request
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="tinylm-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        """Rows decoding now."""
+        return len(self._batch.rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted, not yet prefilled."""
+        return sum(map(len, self._inbox)) + self._batch.n_waiting
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               n: int = 1) -> list[Request]:
+        """Queue `n` continuations of one prompt (prefilled once, the cache forked). Bad
+        input raises UserError here; a full queue raises QueueFull. With a `seed`, request 0
+        draws as a lone request with that seed would, the others from seeds derived from it."""
+        if self._closed:
+            raise UserError("the scheduler is closed")
+        if not 1 <= n <= self.max_batch:
+            raise UserError(f"n={n} must be in 1..{self.max_batch} (the scheduler's max_batch)")
+        params = params or SamplingParams()
+        row0 = self.engine._rows([prompt], params)[0]
+        rows = [row0] + [row0.fork(i) for i in range(1, n)]
+        requests = [Request(r, self) for r in rows]
+        with self._cond:
+            if self.waiting + n > self.max_waiting:
+                raise QueueFull(f"{self.waiting} requests are waiting (max_waiting="
+                                f"{self.max_waiting}); try again later")
+            for r, req in zip(rows, requests):
+                self._requests[id(r)] = req
+            self._inbox.append(rows)
+            self._cond.notify_all()
+        return requests
+
+    def close(self) -> None:
+        """Stop the thread; requests still waiting or running end as "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._inbox or self._batch.busy):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for group in inbox:
+                self._batch.add(group)
+            try:
+                events, finished = self._batch.step()
+            except Exception as e:  # a bug must not hang the clients: fail what was running
+                self._batch.reset()
+                self._fail(e)
+                continue
+            self._deliver(events, finished)
+        rows = self._batch.reset() + [r for g in self._inbox for r in g]
+        for r in rows:
+            r.finish = r.finish or "cancelled"
+        self._deliver([], rows)
+
+    def _deliver(self, events: list[tuple[_Row, str]], finished: list[_Row]) -> None:
+        by_row: dict[int, list[Event]] = {}
+        for row, delta in events:
+            by_row.setdefault(id(row), []).append(row.event(delta))
+        done = {id(r) for r in finished}
+        for key in by_row.keys() | done:
+            req = self._requests.pop(key) if key in done else self._requests[key]
+            req._push(by_row.get(key, []), done=key in done)
+
+    def _fail(self, error: BaseException) -> None:
+        """End every request handed to the batch so far (all but the inbox's) with `error`."""
+        with self._cond:
+            queued = {id(r) for g in self._inbox for r in g}
+            failed = [k for k in self._requests if k not in queued]
+            requests = [self._requests.pop(k) for k in failed]
+        for req in requests:
+            req._push([], error=error)
+
+
+class _Slots:
+    """The KV cache of a running batch, as storage with room to spare: `n` rows decode, each
+    in its own cache row; all rows write their next token at the shared slot `pos`, and row i's
+    tokens fill slots pads[i]..pos (left of them: padding, never attended, and positions start
+    at 0 on the first real token, as with KVCache's `pad`).
+
+    Rows come and go at any step: a newcomer's keys and values, computed by a prefill of its
+    own, are copied into a free row so that its prompt ends at `pos`; a finished row is
+    overwritten by the last row. When a newcomer's prompt is longer than `pos`, every row
+    moves right; when every row has padding on its left, every row moves left (so slots stay
+    within reach of the window). Moves are whole key blocks when the cache stores keys in
+    blocks (the C kernel's layout), so that they are plain slices.
+
+    Storage grows by doubling, to `max_batch` rows. `view()` is a KVCache over the first `n`
+    rows of the storage (views, not copies), which FastGPT decodes into as usual."""
+
+    def __init__(self, net: FastGPT, max_batch: int):
+        self.net, self.max_batch = net, max_batch
+        self.store: KVCache | None = None  # capacity: store.k.shape[1] rows, store.max_len slots
+        self.unit = net.new_cache(1, 1).key_block or 1  # slots per index of the keys' dim 3
+        self.n = self.pos = 0
+        self.pads: list[int] = []
+        self._view: KVCache | None = None
+
+    # -- storage --
+    def _units(self, slots: int) -> int:
+        return -(-slots // self.unit)
+
+    def reserve(self, rows: int, slots: int) -> None:
+        """Room for `rows` rows and `slots` slots; grows (by copying) when there is not."""
+        store = self.store
+        if store is not None and store.k.shape[1] >= rows and store.max_len >= slots:
+            return
+        have_rows, have_len = (0, 0) if store is None else (store.k.shape[1], store.max_len)
+        B = min(self.max_batch, max(rows, 2 * have_rows if rows > have_rows else have_rows))
+        T = max(slots, 2 * have_len if slots > have_len else have_len)
+        new = self.net.new_cache(B, self._units(T) * self.unit)
+        if store is not None and self.n:
+            u = self._units(self.pos)
+            new.k[:, : self.n, :, :u].copy_(store.k[:, : self.n, :, :u])
+            new.v[:, : self.n, :, : self.pos].copy_(store.v[:, : self.n, :, : self.pos])
+        self.store, self._view = new, None
+
+    def shift(self, d: int) -> None:
+        """Move every row `d` slots right (d > 0) or left (d < 0); d is whole units."""
+        assert d % self.unit == 0 and min(self.pads, default=0) + d >= 0
+        if d == 0 or self.n == 0:
+            return
+        self.reserve(self.n, self.pos + d + 1)
+        k, v, n = self.store.k, self.store.v, self.n
+        u, du = self._units(self.pos), d // self.unit
+        lo = max(0, -du)  # the first unit that still holds something after the move
+        k[:, :n, :, lo + du : u + du].copy_(k[:, :n, :, lo:u].clone())
+        v[:, :n, :, lo * self.unit + d : self.pos + d].copy_(
+            v[:, :n, :, lo * self.unit : self.pos].clone())
+        self.pos += d
+        self.pads = [p + d for p in self.pads]
+        self._view = None
+
+    def compact(self) -> None:
+        """Move every row left by the padding they all have (in whole units)."""
+        m = min(self.pads, default=0) // self.unit * self.unit
+        if m:
+            self.shift(-m)
+
+    # -- rows --
+    def splice(self, src: KVCache, src_rows: list[int], lengths: list[int]) -> None:
+        """Append one row per entry of `src_rows`: that row of `src`, a prefill's cache whose
+        prompts end at its last slot, holding a prompt of lengths[i] tokens (right-aligned).
+        The caller made `src` with `align(...)`'s length, so its units line up with ours."""
+        T = src.pos
+        assert (self.pos - T) % self.unit == 0 and self.pos >= T
+        self.reserve(self.n + len(src_rows), self.pos + 1)
+        off, su = (self.pos - T) // self.unit, self._units(T)
+        k, v = self.store.k, self.store.v
+        for j, L in zip(src_rows, lengths):
+            k[:, self.n, :, off : off + su].copy_(src.k[:, j, :, :su])
+            v[:, self.n, :, self.pos - T : self.pos].copy_(src.v[:, j, :, :T])
+            self.pads.append(self.pos - L)
+            self.n += 1
+        self._view = None
+
+    def align(self, longest: int) -> int:
+        """Get ready for newcomers whose longest prompt has `longest` tokens; returns the
+        length their prefill's cache must have (its units then line up with ours)."""
+        if self.n == 0:
+            self.pos, self.pads = longest, []
+            return longest
+        T = longest + (self.pos - longest) % self.unit  # a little extra padding, < unit
+        if T > self.pos:
+            self.shift(T - self.pos)
+        return T
+
+    def drop(self, i: int) -> None:
+        """Remove row i: the last row takes its place (the caller moves its own per-row
+        state the same way)."""
+        last = self.n - 1
+        if i != last:
+            u = self._units(self.pos)
+            self.store.k[:, i, :, :u].copy_(self.store.k[:, last, :, :u])
+            self.store.v[:, i, :, : self.pos].copy_(self.store.v[:, last, :, : self.pos])
+            self.pads[i] = self.pads[last]
+        self.pads.pop()
+        self.n -= 1
+        self._view = None
+
+    def view(self, room: int) -> KVCache:
+        """The first `n` rows as a KVCache at `pos`, ready for a decode step; `room`: the
+        most tokens a row may still add (how far to grow when slots run out)."""
+        if self.pos + 1 > self.store.max_len or (
+                self.unit <= min(self.pads) and 4 * min(self.pads) >= self.pos):
+            self.compact()  # slots run out, or padding is a quarter of all attention reads
+            self.reserve(self.n, self.pos + max(room, 1))
+        if self._view is None:
+            view = copy.copy(self.store)
+            view.k, view.v = self.store.k[:, : self.n], self.store.v[:, : self.n]
+            view._per_layer()
+            view.pad = torch.tensor(self.pads, dtype=torch.long, device=self.store.k.device)
+            self._view = view
+        self._view.pos = self.pos
+        return self._view
+
+    def advanced(self) -> None:
+        """The decode step wrote slot `pos` of every row."""
+        self.pos += 1
+
+
+class _Batch:
+    """The step machinery: the running rows of one engine, their cache and their next-token
+    logits. `Engine.generate` / `stream` drive a private one from the caller's thread, the
+    Scheduler one from its background thread; nothing else runs a decode loop.
+
+    One `step()`:
+    1. newcomers join (FIFO, while rows and the prefill budget last): their prompts, each
+       distinct prompt once (n > 1 and repeated prompts fork), run through a prefill of their
+       own, whose keys and values are spliced into free rows of the running cache;
+    2. every row samples its next token from its logits (newcomers' from the prefill);
+    3. finished and cancelled rows leave;
+    4. the rest decode that token, which gives the next step's logits.
+    A newcomer's first token thus comes one prefill after it was admitted, and running rows
+    wait at most one prefill (PREFILL_TOKENS, padded) between tokens."""
+
+    PREFILL_TOKENS = 2048  # padded prompt tokens per step's prefill (at least one prompt)
+
+    def __init__(self, engine: Engine, max_batch: int):
+        self.engine, self.max_batch = engine, max_batch
+        self.waiting: deque[list[_Row]] = deque()  # groups: one submit's n rows join together
+        self.n_waiting = 0  # rows in `waiting` (read from other threads)
+        self.rows: list[_Row] = []  # in cache-row order
+        self.logits: torch.Tensor | None = None  # (n, V): each row's next-token logits
+        self.slots: _Slots | None = None
+        self.settings: _Settings | None = None  # per-row sampling tensors; None: rebuild
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def add(self, group: list[_Row]) -> None:
+        self.waiting.append(group)
+        self.n_waiting += len(group)
+
+    def reset(self) -> list[_Row]:
+        """Forget everything (after an error); the rows that were waiting or running."""
+        rows = self.rows + [r for g in self.waiting for r in g]
+        self.waiting, self.n_waiting, self.rows = deque(), 0, []
+        self.logits = self.slots = self.settings = None
+        return rows
+
+    def step(self) -> tuple[list[tuple[_Row, str]], list[_Row]]:
+        """One step: (row, text increment) for every token sampled, and the rows that ended
+        (finished, cancelled, or asked for no tokens at all)."""
+        with torch.inference_mode():
+            # New weights (a training step between requests) apply from the first step with
+            # an empty batch: the running rows finish on the weights their cache was made by.
+            # (Engine.net() checks every weight's version: not a cost to pay at every step.)
+            if self.slots is None or not self.rows:
+                net = self.engine.net()
+                if self.slots is None or self.slots.net is not net:
+                    self.slots = _Slots(net, self.max_batch)
+            net = self.slots.net
+            ended = self._admit(net)
+            for r in self.rows:
+                if r.cancelled:  # set by another thread: read once per step
+                    r.finish = "cancelled"
+            if not self.rows:
+                return [], ended
+            if self.settings is None:
+                self.settings = _Settings(self.rows, net.config.vocab_size, self.logits.device)
+            nxt = self.settings.choose(self.logits, self.rows)  # (n,)
+            if self.settings.want_logprobs:
+                self.engine._record_logprobs(self.logits, nxt, self.rows, self.settings.top_n)
+            events = [(r, r.add(t)) for r, t in zip(self.rows, nxt.tolist()) if r.finish is None]
+            ended += self._leave(nxt)
+            if self.rows:
+                nxt = nxt[: len(self.rows)]
+                view = self.slots.view(max(r.params.max_new_tokens - len(r.tokens)
+                                           for r in self.rows))
+                self.logits = net.decode(nxt[:, None], view)[:, -1]  # (n, V)
+                self.slots.advanced()
+        return events, ended
+
+    def _admit(self, net: FastGPT) -> list[_Row]:
+        """Take waiting groups while rows and the prefill budget last; prefill and splice
+        them. Returns the rows that ended on arrival (cancelled, or max_new_tokens=0)."""
+        ended, new = [], []
+        while self.waiting:
+            group = self.waiting[0]
+            if all(r.cancelled for r in group) or group[0].params.max_new_tokens == 0:
+                for r in group:
+                    r.finish = "cancelled" if r.cancelled else "length"
+                ended += group
+            else:
+                cand = new + group
+                distinct = {tuple(r.prompt) for r in cand}
+                cost = len(distinct) * max(len(r.prompt) for r in cand)
+                if len(self.rows) + len(cand) > self.max_batch or (
+                        new and cost > self.PREFILL_TOKENS):
+                    break
+                new = cand
+            self.waiting.popleft()
+            self.n_waiting -= len(group)
+        if new:
+            self._prefill(net, new)
+        return ended
+
+    def _prefill(self, net: FastGPT, new: list[_Row]) -> None:
+        """Run the distinct prompts of `new` through the model in a cache of their own, then
+        splice one cache row per request into the running cache."""
+        prompts = list(dict.fromkeys(tuple(r.prompt) for r in new))  # distinct, in order
+        which = {p: i for i, p in enumerate(prompts)}
+        T = self.slots.align(max(map(len, prompts)))
+        device = net.device
+        pad = [T - len(p) for p in prompts]
+        ids = torch.tensor([[0] * k + list(p) for k, p in zip(pad, prompts)], device=device)
+        cache = net.new_cache(len(prompts), T, pad=torch.tensor(pad, device=device))
+        h = net.hidden_states(ids, cache)  # (P, T, C)
+        logits = net.logits(h[:, -1:])[:, -1]  # (P, V): the last position only
+        src = [which[tuple(r.prompt)] for r in new]
+        self.slots.splice(cache, src, [len(r.prompt) for r in new])
+        src_t = torch.tensor(src, device=device)
+        fresh = logits[src_t]  # (new, V)
+        self.logits = fresh if self.logits is None or not self.rows else torch.cat(
+            [self.logits[: len(self.rows)], fresh])
+        self.rows += new
+        self.settings = None
+
+    def _leave(self, nxt: torch.Tensor) -> list[_Row]:
+        """Drop the rows that ended this step from the cache (the last row fills each gap);
+        `nxt` (n,) is reordered the same way, in place."""
+        gone = [i for i, r in enumerate(self.rows) if r.finish is not None]
+        ended = [self.rows[i] for i in gone]
+        for i in reversed(gone):
+            last = len(self.rows) - 1
+            self.slots.drop(i)
+            self.rows[i] = self.rows[last]
+            nxt[i] = nxt[last]
+            self.rows.pop()
+        if gone:
+            self.settings = None
+            if not self.rows:
+                self.logits = None
+        return ended

@@ -31,6 +31,9 @@ cost in validation loss (the fourth decimal on the demo run) and what they gain 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.errors import UserError
+from tinylm.files import atomic_write_text
 from tinylm.infer import kernels
-from tinylm.models.gpt import GPT
+from tinylm.models.gpt import GPT, GPTConfig
 from tinylm.models.layers import KVCache
 from tinylm.perf import DTYPES
 
@@ -50,6 +54,12 @@ from tinylm.perf import DTYPES
 SUPPORTED: dict[str, set | str] = {
     "vocab_size": "any", "block_size": "any", "depth": "any", "n_layer": "any",
     "n_head": "any", "d_model": "any", "mlp_ratio": "any", "rope_theta": "any",
+    "rope_scaling": {"none", "linear", "llama3"},  # in the rotary table FastGPT copies
+    "rope_factor": "any", "rope_low_freq_factor": "any", "rope_high_freq_factor": "any",
+    "rope_original_max_len": "any",
+    "n_kv_head": "any",  # grouped-query attention: n_kv_head heads in q/k/v, cache and kernel
+    "norm_eps": "any",  # each norm's eps is read from the model's modules
+    "qkv_bias": {True, False},
     "mlp": {"relu2", "swiglu", "gelu", "relu"},
     "norm": {"rms", "layer"},
     "pos": {"rope", "learned"},
@@ -86,8 +96,10 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> torch.dtype:
-    """None = the model's own dtype. 'auto' = the fastest that measured lossless
-    (docs/inference.md): int8 weights on a CPU with native bf16, bf16 on a GPU, else fp32."""
+    """None = the model's own dtype. 'auto' = the fastest of those that measured lossless
+    (docs/inference.md): on a CPU with native bf16, int8 or bf16 weights, whichever ran a
+    decode step's matmuls of this model's shapes faster here (measured once per machine and
+    shape, `auto_cpu_dtype`); bf16 on a GPU; else fp32."""
     device = next(model.parameters()).device
     if dtype is None:
         return next(model.parameters()).dtype
@@ -96,12 +108,66 @@ def resolve_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> torch.dt
     if dtype == "auto":
         if not native_bf16(device):
             return torch.float32
-        return torch.int8 if device.type == "cpu" else torch.bfloat16
+        if device.type != "cpu":
+            return torch.bfloat16
+        return auto_cpu_dtype(model.config) if isinstance(model, GPT) else torch.int8
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, fp32, bf16, fp16 or int8")
     if DTYPES[dtype] == torch.int8 and device.type != "cpu":
         raise UserError("int8 weights run on the CPU only; use bf16 on a GPU")
     return DTYPES[dtype]
+
+
+AUTO_FILE = "auto-dtype.json"  # in kernels.cache_root(): {machine and shape key: "int8" | "bf16"}
+
+
+def auto_cpu_dtype(c: GPTConfig) -> torch.dtype:
+    """int8 or bf16, whichever `race_int8_bf16` finds faster for models of `c`'s shapes on
+    this CPU; measured once (about a second) and cached per machine, torch version and shape.
+    Which wins is not a CPU flag: int8 reads half the bytes, but PyTorch's int8 kernel
+    computes slower than oneDNN's bf16 one, which on a CPU with AMX is fast enough that bf16
+    won on a 135M model (issue 13) while int8 won on 12M models elsewhere."""
+    path = kernels.cache_root() / AUTO_FILE
+    key = hashlib.sha256("|".join(map(str, (
+        torch.__version__, kernels.cpu_id(), c.d_model, c.hidden, c.kv_heads * c.head_dim,
+        c.mlp, c.n_layer, c.vocab_size))).encode()).hexdigest()[:16]
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        table = {}
+    if table.get(key) not in ("int8", "bf16"):
+        table[key] = race_int8_bf16(c)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(table, indent=2))
+        except OSError:
+            pass  # a read-only cache: measured again next time, never wrong
+    return torch.int8 if table[key] == "int8" else torch.bfloat16
+
+
+def race_int8_bf16(c: GPTConfig, repeats: int = 5) -> str:
+    """'int8' or 'bf16': which weights run one row through the matmuls of `c`'s decode step
+    faster (random weights of its shapes; the best of `repeats` passes). Enough layers to
+    hold at least 64 MB in bf16, as a real model's weights are, out of the CPU's caches."""
+    C, kv = c.d_model, c.kv_heads * c.head_dim
+    up = 2 * c.hidden if c.mlp == "swiglu" else c.hidden
+    shapes = [(C + 2 * kv, C), (C, C), (up, C), (C, c.hidden)]
+    per_layer = sum(a * b for a, b in shapes)
+    layers = max(1, min(c.n_layer, (32 << 20) // per_layer + 1))
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes * layers]
+    weights.append(torch.randn(c.vocab_size, C, generator=gen) * 0.02)  # the head
+    inputs = {n: torch.randn(1, n, generator=gen).bfloat16() for n in (C, c.hidden)}
+    best = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("int8", torch.int8)):
+        linears = [Linear(w, None, dtype) for w in weights]
+        best[name] = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for lin, w in zip(linears, weights):
+                lin(inputs[w.shape[1]])
+            best[name] = min(best[name], time.perf_counter() - t)
+    return min(best, key=best.get)
 
 
 # Packing into oneDNN's layout is used when it is there; PACK = False forces plain F.linear
@@ -177,6 +243,7 @@ class _Layer:
     norm1: Callable
     qkv: Linear
     qk_norm: torch.Tensor | None  # (2, head_dim): q_norm's and k_norm's weights, stacked
+    qk_heads: torch.Tensor | None  # (n_head + n_kv_head, head_dim): the same, one row per head
     qk_eps: float
     proj: Linear
     norm2: Callable
@@ -248,12 +315,15 @@ class FastGPT:
             b = None if mods[0].bias is None else torch.cat([x.bias for x in mods])
             return self._linear(w, b)
 
-        qk_norm = None
+        qk_norm = qk_heads = None
         if a.q_norm is not None:
             qk_norm = torch.stack([a.q_norm.weight, a.k_norm.weight]).detach().to(
                 self.attn_dtype)
+            H, Hk, D = a.n_head, a.n_kv_head, a.head_dim
+            qk_heads = torch.cat([qk_norm[0].expand(H, D), qk_norm[1].expand(Hk, D)])
         return _Layer(
             norm1=self._norm(block.norm1), qkv=cat(a.q, a.k, a.v), qk_norm=qk_norm,
+            qk_heads=qk_heads,
             qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
             proj=self._linear(a.proj.weight, a.proj.bias), norm2=self._norm(block.norm2),
             up=cat(m.gate, m.fc) if m.kind == "swiglu" else self._linear(m.fc.weight, m.fc.bias),
@@ -262,7 +332,7 @@ class FastGPT:
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         """A cache of `kv_dtype`; with keys in blocks when the C kernel's attention reads it."""
         c = self.config
-        return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
+        return KVCache(c.n_layer, batch, c.kv_heads, c.head_dim, max_len,
                        self.kv_dtype, self.device, pad,
                        key_block=kernels.KEY_BLOCK if self.c_attention else 0)
 
@@ -271,12 +341,12 @@ class FastGPT:
         residual stream is kept as (B*T, C) rows, the shape the matmuls take."""
         c = self.config
         B, T = idx.shape
-        H, D = c.n_head, c.d_model // c.n_head
+        H, Hk, D = c.n_head, c.kv_heads, c.head_dim
         positions = cache.positions(T, idx.device)  # (T,) or (B, T)
         mask = cache.mask(T, idx.device)
         rotary = None
-        if self.rope is not None:  # (B or 1, T, 1, 1, D): broadcast over q/k and heads
-            rotary = tuple(t[positions].view(-1, T, 1, 1, D) for t in self.rope)
+        if self.rope is not None:  # (B or 1, T, 1, D): broadcast over the q and k heads
+            rotary = tuple(t[positions].view(-1, T, 1, D) for t in self.rope)
         # One decode step on the C kernel's cache: the kernel does all of attention after the
         # qkv matmul. It takes each row's first real position, and rotary rows (B or 1, D).
         kernel = self.c_attention and T == 1
@@ -287,11 +357,12 @@ class FastGPT:
         if self.pos_emb is not None:
             x = x + F.embedding(positions.expand(B, T).reshape(-1), self.pos_emb)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv(L.norm1(x))  # (B*T, 3C)
+            qkv = L.qkv(L.norm1(x))  # (B*T, (H + 2 Hk) D): q heads, then k, then v
             if kernel:
-                y = kernels.decode_attention(qkv, cache, i, start, L.qk_norm, L.qk_eps, rope)
+                y = kernels.decode_attention(qkv, cache, i, start, L.qk_norm, L.qk_eps, rope,
+                                             H)
             else:
-                y = self._attention(qkv.view(B, T, 3, H, D), L, cache, i, rotary, mask)
+                y = self._attention(qkv.view(B, T, H + 2 * Hk, D), L, cache, i, rotary, mask)
             x = L.proj(y, residual=x)
             x = self._mlp(L, x)
         cache.advance(T)
@@ -300,24 +371,27 @@ class FastGPT:
     def _attention(self, qkv: torch.Tensor, L: _Layer, cache: KVCache, layer: int,
                    rotary: tuple[torch.Tensor, torch.Tensor] | None,
                    mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention with PyTorch's ops, from qkv (B, T, 3, H, D) to rows (B*T, C): prompts,
-        and every step where the C kernel does not run."""
-        B, T, _, H, D = qkv.shape
+        """Attention with PyTorch's ops, from qkv (B, T, H + 2 Hk, D) (query heads, then key
+        heads, then value heads) to rows (B*T, H*D): prompts, and every step where the C kernel
+        does not run."""
+        B, T, _, D = qkv.shape
+        H, Hk = self.config.n_head, self.config.kv_heads
         qkv = qkv.to(self.attn_dtype)
-        qk, v = qkv[:, :, :2], qkv[:, :, 2]
+        qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :]  # q and k heads are normed together
         if L.qk_norm is not None and self.c_norms:  # q and k heads read in place
-            qk = kernels.rms_norm(qk.view(B * T, 2 * H, D), None, L.qk_eps)
-            qk = qk.view(B, T, 2, H, D) * L.qk_norm[:, None]  # (2, 1, D): over heads
+            qk = kernels.rms_norm(qk.view(B * T, H + Hk, D), None, L.qk_eps)
+            qk = qk.view(B, T, H + Hk, D) * L.qk_heads  # (H + Hk, D): each head's weight
         elif L.qk_norm is not None:
-            qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_norm[:, None]
+            qk = F.rms_norm(qk, (D,), None, L.qk_eps) * L.qk_heads
         if rotary is not None:
             cos, sin = rotary
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
-        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H or Hk, T, D)
         k, v = cache.append(layer, k, v.transpose(1, 2))
         # The kernel's cache is bf16: a prompt widens it once for PyTorch's attention.
         k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=Hk < H)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B * T, H * D).to(self.dtype)
 
     @staticmethod

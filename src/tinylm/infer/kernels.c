@@ -23,26 +23,30 @@ static inline uint16_t float_to_bf16(float f) {
 }
 
 /* decode_attention: one decode step of attention, from the fused qkv projection's output to
- * the heads' outputs, over a bf16 KV cache, computing in fp32. For every (batch row b, head h),
- * one OpenMP task each:
- *   q, k = QK-norm (RMSNorm per head, then its weight) and rotary embedding, when given;
- *   k and v are written into the cache at position pos;
+ * the heads' outputs, over a bf16 KV cache, computing in fp32. With grouped-query attention
+ * each of the Hk key/value heads serves G = H / Hk query heads (G = 1: plain multi-head). For
+ * every (batch row b, key/value head g), one OpenMP task each:
+ *   k = QK-norm (RMSNorm per head, then its weight) and rotary embedding, when given; k and v
+ *       are written into the cache at position pos, once for the whole group;
+ *   for each query head of the group, q likewise, and
  *   out = softmax(q k^T / sqrt(D), over positions start[b]..pos) v.
+ * The group's query heads score each key block and weigh each value row while it is in cache:
+ * the cache is read once per key/value head, not once per query head.
  * PyTorch's CPU attention is several times slower on bf16 keys and values than on fp32, so the
  * cache could not shrink to half the bytes; and done as PyTorch ops, the steps before it are a
  * dozen small calls per layer.
  *
- * qkv:  bf16 (B, 3, H, D) contiguous: q, k and v of each row
+ * qkv:  bf16 (B, H + 2 Hk, D) contiguous: each row's H query heads, Hk key heads, Hk value heads
  * qk_w: fp32 (2, D), q_norm's and k_norm's weights, or NULL for no QK-norm
  * cos, sin: fp32 rows of D for each batch row (rope_sb apart, 0 = one row for all), or NULL.
  *       Rotation: x * cos + roll(x, D/2) * sin, with sin's first half negated by the caller
- * k:    bf16 cache, keys in transposed blocks of KEY_BLOCK positions: (b, h, t, d) at
- *       k[b * k_sb + h * k_sh + (t / KEY_BLOCK) * D * KEY_BLOCK + d * KEY_BLOCK + t % KEY_BLOCK].
+ * k:    bf16 cache of Hk heads, keys in transposed blocks of KEY_BLOCK positions: (b, g, t, d) at
+ *       k[b * k_sb + g * k_sh + (t / KEY_BLOCK) * D * KEY_BLOCK + d * KEY_BLOCK + t % KEY_BLOCK].
  *       A block's scores are sums of contiguous rows held in registers (no horizontal additions),
  *       and the blocks attended are read front to back: 1.5-1.8x faster than keys stored by
  *       position, and 15-20% faster than keys transposed whole, whose unfilled tails the CPU
  *       prefetches for nothing
- * v:    bf16 cache, (b, h, t, d) at v[b * v_sb + h * v_sh + t * D + d]
+ * v:    bf16 cache of Hk heads, (b, g, t, d) at v[b * v_sb + g * v_sh + t * D + d]
  * start: per row, the first position attended (left padding before it)
  * out:  bf16 (B, H, D) contiguous */
 static void rms_rope(float *x, const float *w, float eps, const float *cos, const float *sin,
@@ -59,58 +63,80 @@ static void rms_rope(float *x, const float *w, float eps, const float *cos, cons
   }
 }
 
-void decode_attention(const uint16_t *qkv, int64_t B, int64_t H, int64_t D, const float *qk_w,
-                      float eps, const float *cos, const float *sin, int64_t rope_sb,
-                      uint16_t *k, int64_t k_sb, int64_t k_sh, uint16_t *v,
+void decode_attention(const uint16_t *qkv, int64_t B, int64_t H, int64_t Hk, int64_t D,
+                      const float *qk_w, float eps, const float *cos, const float *sin,
+                      int64_t rope_sb, uint16_t *k, int64_t k_sb, int64_t k_sh, uint16_t *v,
                       int64_t v_sb, int64_t v_sh, int64_t pos, const int64_t *start,
                       uint16_t *out, int threads) {
-  const int64_t S = pos + 1;
+  const int64_t S = pos + 1, G = H / Hk;
+  const int64_t blocks = (S + KEY_BLOCK - 1) / KEY_BLOCK, L = blocks * KEY_BLOCK;
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t blocks = (S + KEY_BLOCK - 1) / KEY_BLOCK;
-    float *score = malloc(sizeof(float) * (blocks * KEY_BLOCK + 4 * D)),
-          *acc = score + blocks * KEY_BLOCK, *q = acc + D, *kn = q + D, *tmp = kn + D;
+    /* per query head of the group: L scores, D accumulators, D of q; then k, a row, a sum */
+    float *score = malloc(sizeof(float) * (G * (L + 2 * D + 1) + 2 * D)),
+          *acc = score + G * L, *q = acc + G * D, *sum = q + G * D, *kn = sum + G,
+          *tmp = kn + D;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < B * H; ++i) {
-      const int64_t b = i / H, h = i % H, t0 = start[b];
-      const uint16_t *row = qkv + b * 3 * H * D + h * D;
+    for (int64_t i = 0; i < B * Hk; ++i) {
+      const int64_t b = i / Hk, g = i % Hk, t0 = start[b];
+      const uint16_t *row = qkv + b * (H + 2 * Hk) * D;
+      const uint16_t *krow = row + (H + g) * D, *vrow = row + (H + Hk + g) * D;
       const float *c = cos ? cos + b * rope_sb : NULL, *s = sin ? sin + b * rope_sb : NULL;
-      uint16_t *kr = k + b * k_sb + h * k_sh, *vr = v + b * v_sb + h * v_sh;
+      uint16_t *kr = k + b * k_sb + g * k_sh, *vr = v + b * v_sb + g * v_sh;
       for (int64_t d = 0; d < D; ++d) {
-        q[d] = bf16_to_float(row[d]);
-        kn[d] = bf16_to_float(row[H * D + d]);
-        vr[pos * D + d] = row[2 * H * D + d];
+        kn[d] = bf16_to_float(krow[d]);
+        vr[pos * D + d] = vrow[d];
       }
-      rms_rope(q, qk_w, eps, c, s, tmp, D);
       rms_rope(kn, qk_w ? qk_w + D : NULL, eps, c, s, tmp, D);
       uint16_t *kb = kr + (pos / KEY_BLOCK) * D * KEY_BLOCK + pos % KEY_BLOCK;
       for (int64_t d = 0; d < D; ++d) kb[d * KEY_BLOCK] = float_to_bf16(kn[d]);
 
-      float max = -INFINITY, sum = 0.f;
       const float scale = 1.f / sqrtf((float)D);
-      for (int64_t j = t0 / KEY_BLOCK; j < blocks; ++j) {
-        const uint16_t *block = kr + j * D * KEY_BLOCK;
-        float s[KEY_BLOCK] = {0};
-        for (int64_t d = 0; d < D; ++d) {
-          const float qd = q[d] * scale;
+      for (int64_t j = 0; j < G; ++j) {
+        float *qj = q + j * D;
+        const uint16_t *qrow = row + (g * G + j) * D;
+        for (int64_t d = 0; d < D; ++d) qj[d] = bf16_to_float(qrow[d]);
+        rms_rope(qj, qk_w, eps, c, s, tmp, D);
+        for (int64_t d = 0; d < D; ++d) qj[d] *= scale;
+      }
+      for (int64_t blk = t0 / KEY_BLOCK; blk < blocks; ++blk) {
+        const uint16_t *block = kr + blk * D * KEY_BLOCK;
+        for (int64_t j = 0; j < G; ++j) {
+          const float *qj = q + j * D;
+          float sc[KEY_BLOCK] = {0};
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qj[d];
 #pragma omp simd
-          for (int u = 0; u < KEY_BLOCK; ++u) s[u] += qd * bf16_to_float(block[d * KEY_BLOCK + u]);
+            for (int u = 0; u < KEY_BLOCK; ++u)
+              sc[u] += qd * bf16_to_float(block[d * KEY_BLOCK + u]);
+          }
+          for (int u = 0; u < KEY_BLOCK; ++u) score[j * L + blk * KEY_BLOCK + u] = sc[u];
         }
-        for (int u = 0; u < KEY_BLOCK; ++u) score[j * KEY_BLOCK + u] = s[u];
       }
-      for (int64_t t = t0; t < S; ++t) max = score[t] > max ? score[t] : max;
-      for (int64_t t = t0; t < S; ++t) {
-        score[t] = expf(score[t] - max);
-        sum += score[t];
+      for (int64_t j = 0; j < G; ++j) {
+        float *sj = score + j * L, max = -INFINITY, total = 0.f;
+        for (int64_t t = t0; t < S; ++t) max = sj[t] > max ? sj[t] : max;
+        for (int64_t t = t0; t < S; ++t) {
+          sj[t] = expf(sj[t] - max);
+          total += sj[t];
+        }
+        sum[j] = total;
       }
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+      for (int64_t e = 0; e < G * D; ++e) acc[e] = 0.f;
       for (int64_t t = t0; t < S; ++t) {
         const uint16_t *vt = vr + t * D;
-        const float p = score[t];
+        for (int64_t d = 0; d < D; ++d) tmp[d] = bf16_to_float(vt[d]);  /* widened once */
+        for (int64_t j = 0; j < G; ++j) {
+          const float p = score[j * L + t];
+          float *aj = acc + j * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += p * bf16_to_float(vt[d]);
+          for (int64_t d = 0; d < D; ++d) aj[d] += p * tmp[d];
+        }
       }
-      for (int64_t d = 0; d < D; ++d) out[i * D + d] = float_to_bf16(acc[d] / sum);
+      for (int64_t j = 0; j < G; ++j) {
+        uint16_t *o = out + (b * H + g * G + j) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[j * D + d] / sum[j]);
+      }
     }
     free(score);
   }

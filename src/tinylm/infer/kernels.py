@@ -41,11 +41,21 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
+def cache_root() -> Path:
+    """$TINYLM_CACHE, default ~/.cache/tinylm: what is built or measured once per machine."""
+    return Path(os.environ.get("TINYLM_CACHE") or Path.home() / ".cache" / "tinylm")
+
+
+def cpu_id() -> str:
+    """What identifies this machine's CPU for cached builds and measurements."""
+    return _cpu()
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu()]).encode())
-    root = Path(os.environ.get("TINYLM_CACHE") or Path.home() / ".cache" / "tinylm") / "kernels"
+    root = cache_root() / "kernels"
     lib = root / f"kernels-{key.hexdigest()[:16]}.so"
     try:
         if not lib.exists():
@@ -59,7 +69,7 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    dll.decode_attention.argtypes = ([ptr] + [i64] * 3 + [ptr, ctypes.c_float, ptr, ptr, i64]
+    dll.decode_attention.argtypes = ([ptr] + [i64] * 4 + [ptr, ctypes.c_float, ptr, ptr, i64]
                                      + [ptr] + [i64] * 2 + [ptr] + [i64] * 3 + [ptr] * 2
                                      + [ctypes.c_int])
     dll.decode_attention.restype = None
@@ -75,14 +85,19 @@ def available() -> bool:
 
 def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, start: torch.Tensor,
                      qk_norm: torch.Tensor | None, eps: float,
-                     rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                     rope: tuple[torch.Tensor, torch.Tensor] | None, n_head: int = 0
+                     ) -> torch.Tensor:
     """One decode step's attention in `layer`, from the fused qkv projection's output
-    qkv (B, 3C) bf16 to the heads' outputs (B, C) bf16: QK-norm with weights qk_norm (2, D)
+    qkv (B, (H + 2 Hk) D) bf16 (n_head = H query heads, then the cache's Hk key heads and Hk
+    value heads; n_head 0 = Hk, plain multi-head) to the heads' outputs (B, H D) bf16:
+    QK-norm with weights qk_norm (2, D)
     fp32 if given, rotary embedding with rope = (cos, signed sin) rows (B or 1, D) fp32 if
     given, k and v written into `cache` (bf16, `key_block=KEY_BLOCK`) at cache.pos, then
     attention over each row's positions start[b]..cache.pos. The caller advances the cache."""
-    ks, vs = cache.k_layers[layer], cache.v_layers[layer]  # (B, H, blocks, D, KEY_BLOCK)
-    B, H, _, D, block = ks.shape
+    ks, vs = cache.k_layers[layer], cache.v_layers[layer]  # (B, Hk, blocks, D, KEY_BLOCK)
+    B, Hk, _, D, block = ks.shape
+    H = n_head or Hk
+    assert H % Hk == 0 and qkv.shape == (B, (H + 2 * Hk) * D)
     assert qkv.dtype == ks.dtype == vs.dtype == torch.bfloat16 and qkv.is_contiguous()
     assert block == KEY_BLOCK and ks.stride()[2:] == (D * block, block, 1)
     assert vs.stride()[2:] == (D, 1) and cache.pos < cache.max_len
@@ -90,7 +105,7 @@ def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, start: torch
     rows = 0 if cos is None or cos.shape[0] == 1 else D
     out = torch.empty(B, H * D, dtype=torch.bfloat16)
     _library().decode_attention(
-        qkv.data_ptr(), B, H, D, _ptr(qk_norm), eps, _ptr(cos), _ptr(sin), rows,
+        qkv.data_ptr(), B, H, Hk, D, _ptr(qk_norm), eps, _ptr(cos), _ptr(sin), rows,
         ks.data_ptr(), ks.stride(0), ks.stride(1),
         vs.data_ptr(), vs.stride(0), vs.stride(1), cache.pos, start.data_ptr(), out.data_ptr(),
         torch.get_num_threads())

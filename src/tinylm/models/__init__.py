@@ -11,6 +11,8 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "transformer": ("tinylm.models.transformer", "Transformer", "TransformerConfig"),
     "rnn": ("tinylm.models.rnn", "RNNEncoderDecoder", "RNNConfig"),
     "bert": ("tinylm.models.bert", "BertModel", "BertConfig"),
+    "mlp": ("tinylm.models.mlp", "MLP", "MLPConfig"),  # tinylm basics
+    "reward": ("tinylm.models.heads", "RewardModel", "RewardConfig"),  # a GPT + scalar head
 }
 SEQ2SEQ_FAMILIES = ("transformer", "rnn")  # encoder-decoders: source and target tokenizers
 

@@ -3,8 +3,12 @@
 Every choice that wins at small scale in modded-nanogpt and nanochat is a config switch:
 rotary positions, RMSNorm, QK-norm, ReLU² or SwiGLU MLP, an untied output head, zero-init
 output projections and a tanh logit soft-cap. `gpt2_style()` turns them all back into GPT-2
-(learned positions, LayerNorm with biases, GELU, tied head). `depth` is a size dial: set it and
-width and heads follow (d_model = 64 * depth, one head per 64 dims), as in nanochat.
+(learned positions, LayerNorm with biases, GELU, tied head). The switches real pretrained
+checkpoints need are here too, so an import computes the original's function exactly:
+grouped-query attention (`n_kv_head`), q/k/v-only biases (`qkv_bias`, Qwen2), the norm's
+epsilon (`norm_eps`) and rotary scaling (`rope_scaling`, Llama 3.1+). `depth` is a size
+dial: set it and width and heads follow (d_model = 64 * depth, one head per 64 dims), as in
+nanochat.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.models.layers import (
+    ROPE_SCALINGS,
     Block,
     KVCache,
     Rotary,
@@ -26,6 +31,7 @@ from tinylm.models.layers import (
     make_norm,
     mlp_hidden,
     optim_groups,
+    rope_frequencies,
 )
 
 
@@ -42,6 +48,14 @@ class GPTConfig:
     norm: str = "rms"  # rms | layer
     pos: str = "rope"  # rope | learned
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | llama3 (see layers.rope_frequencies)
+    rope_factor: float = 1.0  # the scalings' parameters, as in transformers' rope_parameters
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head
+    norm_eps: float = 0.0  # 0 = 1e-6 for rms, 1e-5 for layer (torch's default)
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2); `bias` puts them everywhere
     qk_norm: bool = True
     tie_embeddings: bool = False
     zero_init: bool = True  # output projections start at zero (modded-nanogpt)
@@ -53,6 +67,25 @@ class GPTConfig:
         if self.depth > 0:
             self.n_layer, self.d_model, self.n_head = self.depth, 64 * self.depth, self.depth
         check_stack_options(self.d_model, self.n_head, self.mlp, self.norm, self.pos)
+        if self.n_kv_head and (self.n_kv_head < 0 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} is not one of "
+                             f"{', '.join(ROPE_SCALINGS)}")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head for plain multi-head attention."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def rope_frequencies(self) -> torch.Tensor:
+        return rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling,
+                                self.rope_factor, self.rope_low_freq_factor,
+                                self.rope_high_freq_factor, self.rope_original_max_len)
 
     @property
     def hidden(self) -> int:
@@ -74,14 +107,16 @@ class GPT(nn.Module):
         self.config = c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_emb = nn.Embedding(c.block_size, c.d_model) if c.pos == "learned" else None
-        rotary = Rotary(c.d_model // c.n_head, c.rope_theta) if c.pos == "rope" else None
+        rotary = (Rotary(c.head_dim, c.rope_theta, c.rope_frequencies()) if c.pos == "rope"
+                  else None)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_head, c.hidden, mlp=c.mlp, norm=c.norm, bias=c.bias,
-                  qk_norm=c.qk_norm, rotary=rotary, dropout=c.dropout, causal=True)
+                  qk_norm=c.qk_norm, rotary=rotary, dropout=c.dropout, causal=True,
+                  n_kv_head=c.kv_heads, qkv_bias=c.qkv_bias, norm_eps=c.norm_eps)
             for _ in range(c.n_layer)
         )
-        self.norm_f = make_norm(c.norm, c.d_model, c.bias)
+        self.norm_f = make_norm(c.norm, c.d_model, c.bias, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -139,5 +174,5 @@ class GPT(nn.Module):
                   pad: torch.Tensor | None = None) -> KVCache:
         c = self.config
         p = self.lm_head.weight
-        return KVCache(c.n_layer, batch, c.n_head, c.d_model // c.n_head, max_len,
-                       dtype or p.dtype, p.device, pad)
+        return KVCache(c.n_layer, batch, c.kv_heads, c.head_dim, max_len,
+                       dtype or p.dtype, p.device, pad)  # n_kv_head heads: GQA's saving

@@ -45,11 +45,17 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
-def make_norm(kind: str, dim: int, bias: bool = False) -> nn.Module:
+DEFAULT_EPS = {"rms": 1e-6, "layer": 1e-5}  # tinylm's own RMSNorm; torch's LayerNorm default
+
+
+def make_norm(kind: str, dim: int, bias: bool = False, eps: float = 0.0) -> nn.Module:
+    """RMSNorm or LayerNorm; eps 0 = the kind's default (DEFAULT_EPS). Imported checkpoints
+    give their own (most Llamas use 1e-5 in RMSNorm), which moves logits by ~1e-2 if ignored."""
+    eps = eps or DEFAULT_EPS.get(kind, 0.0)
     if kind == "rms":
-        return RMSNorm(dim, eps=1e-6)
+        return RMSNorm(dim, eps=eps)
     if kind == "layer":
-        return nn.LayerNorm(dim, bias=bias)
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
     raise ValueError(f"unknown norm {kind!r}; use 'rms' or 'layer'")
 
 
@@ -63,12 +69,44 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
     return table
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021), in the rotate-half layout Llama uses."""
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim / 2,), optionally rescaled for longer contexts:
+    'linear' divides every frequency by `factor` (positions interpolated); 'llama3' (Llama
+    3.1+) divides only the low frequencies, those whose wavelength exceeds
+    original_max_len / low_freq_factor, and blends smoothly between the two bands, as
+    transformers' `_compute_llama3_parameters` does."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = original_max_len / low_freq_factor
+        high_wavelen = original_max_len / high_freq_factor
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original_max_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    if scaling != "none":
+        raise ValueError(f"rope scaling {scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), in the rotate-half layout Llama uses.
+    `inv_freq` (head_dim / 2,) overrides the plain frequencies (a scaled rope)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0,
+                 inv_freq: torch.Tensor | None = None):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        if inv_freq is None:
+            inv_freq = rope_frequencies(head_dim, theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -92,6 +130,9 @@ class Rotary(nn.Module):
 
 class KVCache:
     """Preallocated keys and values of every layer, for prefill-then-decode generation.
+
+    With grouped-query attention `n_head` is the number of key/value heads (GPTConfig's
+    n_kv_head), fewer than the query heads: the cache is that many times smaller.
 
     `pos` is how many positions are filled. With left-padded batches, `pad` (B,) holds each
     row's count of padding tokens: those slots are never attended, and rotary positions start
@@ -179,21 +220,31 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention. Self-attention when `forward(x)`, cross-attention when given `kv`."""
+    """Multi-head attention. Self-attention when `forward(x)`, cross-attention when given `kv`.
+
+    Grouped-query attention (Ainslie et al. 2023) when n_kv_head < n_head: each key/value head
+    serves n_head / n_kv_head query heads, so k, v and the KV cache are that many times
+    smaller (SmolLM2, Llama 3 and Qwen2.5 are built so). `qkv_bias` gives q, k and v biases
+    but not the output projection (Qwen2); `bias` gives all four."""
 
     def __init__(self, d_model: int, n_head: int, *, bias: bool = False, qk_norm: bool = False,
-                 rotary: Rotary | None = None, dropout: float = 0.0, causal: bool = True):
+                 rotary: Rotary | None = None, dropout: float = 0.0, causal: bool = True,
+                 n_kv_head: int = 0, qkv_bias: bool = False, norm_eps: float = 0.0):
         super().__init__()
+        n_kv_head = n_kv_head or n_head
         if d_model % n_head:
             raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
-        self.n_head, self.head_dim = n_head, d_model // n_head
-        self.q = nn.Linear(d_model, d_model, bias=bias)
-        self.k = nn.Linear(d_model, d_model, bias=bias)
-        self.v = nn.Linear(d_model, d_model, bias=bias)
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head={n_head} is not divisible by n_kv_head={n_kv_head}")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        kv_dim = n_kv_head * self.head_dim
+        self.q = nn.Linear(d_model, d_model, bias=bias or qkv_bias)
+        self.k = nn.Linear(d_model, kv_dim, bias=bias or qkv_bias)
+        self.v = nn.Linear(d_model, kv_dim, bias=bias or qkv_bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         # QK-norm: RMSNorm over each head's query and key (as in Qwen3 / modded-nanogpt).
-        self.q_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.q_norm = make_norm("rms", self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = make_norm("rms", self.head_dim, eps=norm_eps) if qk_norm else None
         self.rotary = rotary
         self.dropout = dropout
         self.causal = causal
@@ -201,8 +252,8 @@ class Attention(nn.Module):
         self.weights: torch.Tensor | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        B, T, C = x.shape
+        return x.view(B, T, C // self.head_dim, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -221,12 +272,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(layer, k, v)
         causal = self.causal and kv is None and mask is None and cache is None
+        gqa = self.n_kv_head < self.n_head  # k, v: (B, n_kv_head, S, D), shared by groups
         if self.keep_weights:
+            if gqa:
+                group = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             y = self._attend_by_hand(q, k, v, mask, causal)
         else:
             drop = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
-                                               is_causal=causal)
+                                               is_causal=causal, enable_gqa=gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def _attend_by_hand(self, q, k, v, mask, causal):
@@ -275,15 +330,17 @@ class Block(nn.Module):
     def __init__(self, d_model: int, n_head: int, hidden: int, *, mlp: str = "relu2",
                  norm: str = "rms", bias: bool = False, qk_norm: bool = False,
                  rotary: Rotary | None = None, dropout: float = 0.0, causal: bool = True,
-                 cross: bool = False, post_norm: bool = False):
+                 cross: bool = False, post_norm: bool = False, n_kv_head: int = 0,
+                 qkv_bias: bool = False, norm_eps: float = 0.0):
         super().__init__()
         self.post_norm = post_norm
-        self.norm1 = make_norm(norm, d_model, bias)
+        self.norm1 = make_norm(norm, d_model, bias, norm_eps)
         self.attn = Attention(d_model, n_head, bias=bias, qk_norm=qk_norm, rotary=rotary,
-                              dropout=dropout, causal=causal)
-        self.norm_x = make_norm(norm, d_model, bias) if cross else None
+                              dropout=dropout, causal=causal, n_kv_head=n_kv_head,
+                              qkv_bias=qkv_bias, norm_eps=norm_eps)
+        self.norm_x = make_norm(norm, d_model, bias, norm_eps) if cross else None
         self.cross = Attention(d_model, n_head, bias=bias, dropout=dropout) if cross else None
-        self.norm2 = make_norm(norm, d_model, bias)
+        self.norm2 = make_norm(norm, d_model, bias, norm_eps)
         self.mlp = MLP(d_model, hidden, mlp, bias)
         self.drop = nn.Dropout(dropout)
 

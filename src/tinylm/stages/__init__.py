@@ -44,4 +44,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("sft", "tinylm.stages.sft", "SFTConfig", "sft-tinystories",
           "fine-tune a pre-trained GPT on conversations (assistant-only loss)",
           "fine-tuning on conversations", "data.path"),
+    Stage("reward", "tinylm.stages.reward", "RewardStageConfig", "reward-tinystories",
+          "train a reward model on rankings (an SFT backbone + a scalar head)",
+          "training a reward model", "data.path"),
+    Stage("dpo", "tinylm.stages.dpo", "DPOConfig", "dpo-tinystories",
+          "fine-tune on rankings by Direct Preference Optimization", "training with DPO",
+          "data.path"),
+    Stage("ppo", "tinylm.stages.ppo", "PPOStageConfig", "ppo-tinystories",
+          "PPO of a chat model against a reward model (--init SFT_RUN, reward=RM_RUN)",
+          "PPO", "data.prompts"),
 ]}

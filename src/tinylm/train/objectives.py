@@ -13,7 +13,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from tinylm.feedback.preferences import ranked_pairs_mask, sequence_logprobs
 
 
 class Objective(Protocol):
@@ -46,3 +49,54 @@ def seq2seq(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Ten
     decoder's positions."""
     src, tgt_in, tgt_out = batch
     return model(src, tgt_in, tgt_out), tgt_out.numel()
+
+
+# --- preferences: the reward model's K-wise ranking loss, DPO -------------------------------
+def kwise_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's reward-model loss (Ouyang et al. 2022, eq. 1): for each prompt the mean
+    of -log sigmoid(r_better - r_worse) over all its C(K, 2) ordered pairs, then the mean over
+    prompts. Keeping a prompt's pairs together in one batch element (instead of shuffling
+    pairs) costs one forward per answer, not one per pair, and does not overfit, as the paper
+    notes. Tied pairs are skipped; a prompt with no ordered pair counts for nothing.
+    rewards, ranks: (B, K)."""
+    pairs = ranked_pairs_mask(ranks)  # (B, K, K)
+    diff = rewards[:, :, None] - rewards[:, None, :]  # (B, K, K): r_i - r_j
+    losses = -F.logsigmoid(diff) * pairs  # (B, K, K)
+    n = pairs.sum((1, 2))  # (B,)
+    has = n > 0
+    if not has.any():
+        return rewards.sum() * 0.0  # a batch of ties only: no signal, but a graph to step
+    return (losses.sum((1, 2))[has] / n[has]).mean()
+
+
+def reward_ranking(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                   ) -> tuple[torch.Tensor, int]:
+    """batch = (ids (B, K, T) right-padded, end (B, K): position of each answer's
+    end-of-answer token, ranks (B, K)); the K answers of a prompt are one batch element.
+    Throughput counts the real tokens of the answers present."""
+    ids, end, ranks = batch
+    B, K, T = ids.shape
+    rewards = model(ids.view(B * K, T), end.reshape(B * K)).view(B, K)  # (B, K)
+    return kwise_ranking_loss(rewards, ranks), int(((end + 1) * (ranks >= 0)).sum())
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7): -log sigmoid(beta *
+    ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)))), the sigmoid loss of
+    TRL's DPOTrainer. Inputs are summed answer log-probs (B,). Returns (mean loss, the
+    implicit reward margins (B,))."""
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (B,)
+    return -F.logsigmoid(margin).mean(), margin
+
+
+def dpo(model: nn.Module, batch: tuple[torch.Tensor, ...], beta: float = 0.1
+        ) -> tuple[torch.Tensor, int]:
+    """batch = (x (2B, T), y (2B, T): the B chosen rows then the B rejected ones, targets
+    -100 off the answers; ref (2B,): the frozen reference's summed log-probs of the same
+    rows, computed once before training). Bind beta with functools.partial."""
+    x, y, ref = batch
+    logp = sequence_logprobs(model, x, y)  # (2B,)
+    B = x.shape[0] // 2
+    loss, _ = dpo_loss(logp[:B], logp[B:], ref[:B], ref[B:], beta)
+    return loss, x.numel()

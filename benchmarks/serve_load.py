@@ -1,0 +1,215 @@
+"""Serving under load: `tinylm serve` vs `transformers serve --continuous-batching`.
+
+Builds a GPT run (random weights: speed does not depend on them; char tokenizer), exports it
+with `tinylm export-hf`'s function, and starts both servers as subprocesses on 127.0.0.1 over
+the same weights. Then, for each number of concurrent clients (1, 4, 8, 16, 64), every client
+streams chat completions (greedy, `max_tokens` new tokens) one after another until each has
+sent `--requests`; measured from the client side:
+
+- aggregate tokens/s: generated tokens of all clients (the usage counts of
+  `stream_options.include_usage`) / wall time of the round,
+- TTFT p50/p95: from sending a request to its first content chunk,
+- ITL p50: time between two content chunks of one request.
+
+Latencies are between content chunks (both servers send one per token that releases text).
+Both servers run on the same CPU cores one after the other, never at once.
+
+    python benchmarks/serve_load.py [--quick] [--clients 1,4,8,16,64] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import safetensors.torch
+import torch
+
+from tinylm.hf import export_hf
+from tinylm.models.gpt import GPT, GPTConfig
+from tinylm.rundir import save_chat_template, save_model
+from tinylm.tokenizer import train_char
+
+TEXT = "The cat sat on the mat. A dog is chasing the ball in the park. " * 50
+MESSAGES = [{"role": "user", "content": "Tell me a story about a cat and a dog."}]
+
+
+def build_run(root: Path, d_model: int, n_layer: int) -> tuple[Path, Path]:
+    tok = train_char(TEXT)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=512, n_layer=n_layer,
+                    n_head=max(1, d_model // 64), d_model=d_model, mlp="swiglu", qk_norm=True,
+                    zero_init=False)
+    torch.manual_seed(0)
+    run = root / "run"
+    run.mkdir(parents=True)
+    save_model(run, GPT(cfg))
+    tok.save(run / "tokenizer.json")
+    from tinylm.data.chat import TEMPLATE
+
+    save_chat_template(run, TEMPLATE)
+    hf_dir = export_hf(run, root / "hf")
+    return run, Path(hf_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, log: Path, timeout: float = 300) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "TRANSFORMERS_OFFLINE": "1",
+                                 "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"{cmd} did not come up in {timeout} s")
+
+
+async def one_request(c: httpx.AsyncClient, model: str, max_tokens: int, out: dict) -> None:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    last, chunks, counted = None, 0, None
+    async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                counted = chunk["usage"]["completion_tokens"]
+            if not chunk.get("choices") or not chunk["choices"][0]["delta"].get("content"):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                out["ttft"].append(now - t0)
+            else:
+                out["itl"].append(now - last)
+            last = now
+            chunks += 1
+    # The usage count where the server reports one: a chunk whose token only completes a
+    # character later carries no text, so chunks alone would undercount.
+    out["tokens"] += counted if counted is not None else chunks
+
+
+async def round_(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    out = {"ttft": [], "itl": [], "tokens": 0}
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+        async def client():
+            for _ in range(requests):
+                await one_request(c, model, max_tokens, out)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client() for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs or [0])[0]  # noqa: E731
+    return {"tok/s": out["tokens"] / wall, "ttft p50": q(out["ttft"], 50),
+            "ttft p95": q(out["ttft"], 95), "itl p50": q(out["itl"], 50)}
+
+
+def measure(name: str, url: str, model: str, clients: list[int], args) -> dict[int, dict]:
+    asyncio.run(round_(url, model, 1, 1, 8))  # warm-up: first-use costs (kernels, caches)
+    rows = {}
+    for n in clients:
+        rows[n] = asyncio.run(round_(url, model, n, args.requests, args.max_tokens))
+        r = rows[n]
+        print(f"  {name:>18} {n:>3} clients: {r['tok/s']:8.1f} tok/s  TTFT p50 "
+              f"{r['ttft p50'] * 1e3:7.1f} ms  p95 {r['ttft p95'] * 1e3:7.1f} ms  ITL p50 "
+              f"{r['itl p50'] * 1e3:6.1f} ms", flush=True)
+    return rows
+
+
+def table(results: dict[str, dict[int, dict]], clients: list[int]) -> None:
+    print("\n| server | clients | tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rows in results.items():
+        for n in clients:
+            r = rows[n]
+            print(f"| {name} | {n} | {r['tok/s']:.1f} | {r['ttft p50'] * 1e3:.1f} | "
+                  f"{r['ttft p95'] * 1e3:.1f} | {r['itl p50'] * 1e3:.1f} |")
+    tl = results["tinylm serve"]
+    if 8 in tl and 1 in tl:
+        print(f"\ntinylm at 8 clients / its own 1 client: {tl[8]['tok/s'] / tl[1]['tok/s']:.2f}x")
+    hf = results.get("transformers serve")
+    if hf and 8 in tl:
+        print(f"tinylm / transformers serve at 8 clients: tokens/s "
+              f"{tl[8]['tok/s'] / hf[8]['tok/s']:.2f}x, TTFT p50 "
+              f"{tl[8]['ttft p50'] * 1e3:.0f} vs {hf[8]['ttft p50'] * 1e3:.0f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small model, fewer tokens")
+    ap.add_argument("--clients", default="1,4,8,16,64")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per round")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers serve")
+    ap.add_argument("--dtype", default="auto", help="tinylm serve --dtype")
+    args = ap.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    if args.quick:
+        args.max_tokens = min(args.max_tokens, 32)
+    root = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    try:
+        run, hf_dir = build_run(root, 128 if args.quick else 256, 2 if args.quick else 4)
+        params = sum(t.numel() for t in safetensors.torch.load_file(
+            run / "model.safetensors").values())
+        print(f"model: {params / 1e6:.1f}M parameters; "
+              f"{args.max_tokens} new tokens per request, {args.requests} requests per client; "
+              f"{os.cpu_count()} CPUs (shared: numbers taken under whatever else runs)")
+        results = {}
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start([sys.executable, "-m", "tinylm", "serve", "--run", str(run), "--port",
+                      str(port), "--dtype", args.dtype], url, root / "tinylm.log")
+        try:
+            results["tinylm serve"] = measure("tinylm serve", url, run.name, clients, args)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        if not args.no_hf:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            exe = shutil.which("transformers") or str(Path(sys.executable).parent /
+                                                      "transformers")
+            try:
+                proc = start([exe, "serve", "--continuous-batching", "--device", "cpu",
+                              "--port", str(port), str(hf_dir)], url, root / "hf.log")
+            except RuntimeError as e:
+                print(f"transformers serve did not run here: {str(e)[-600:]}")
+            else:
+                try:
+                    results["transformers serve"] = measure("transformers serve", url,
+                                                            str(hf_dir), clients, args)
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+        table(results, clients)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Direct Preference Optimization: the SFT model learns from rankings without a reward model.
+
+    tinylm dpo --init runs/sft-tinystories --data rankings.jsonl --out runs/dpo
+
+Every ordered pair of every ranking (ties skipped) is one (chosen, rejected) example; both
+answers are rendered through the init run's chat template and scored by their summed
+log-probabilities over the answer's tokens (content and end token). The loss is DPO's sigmoid
+loss with `beta` (train/objectives.py), against a frozen reference: the --init run.
+
+How it departs from the textbook algorithm (Rafailov et al. 2023) and from TRL's default:
+- The reference's log-probabilities are computed once, before training, for every pair (TRL's
+  `precompute_ref_log_probs`), not by a second model at every step: the reference is frozen
+  and dropout is off, so the numbers are the same, at half the forward passes and without a
+  second model in memory. A resumed run recomputes them from the --init run.
+- The K-wise rankings become all their ordered pairs, so a prompt with K = 4 strict answers
+  gives 6 pairs, sampled independently (InstructGPT keeps them together for the reward model;
+  DPO's loss is per pair).
+
+Held out by prompt: `val_loss` (the DPO loss), `val_accuracy` (the share of pairs whose
+implicit reward margin is positive: TRL's rewards/accuracies) and `val_margin`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinylm import config as configlib
+from tinylm import rundir, viz
+from tinylm.errors import UserError
+from tinylm.feedback.io import read_rankings
+from tinylm.feedback.preferences import PairData, sequence_logprobs, split_rows
+from tinylm.models.gpt import GPT
+from tinylm.stages.common import batch_generator, prepare_run_dir
+from tinylm.stages.reward import RankingDataConfig
+from tinylm.tokenizer import Tokenizer
+from tinylm.train import objectives
+from tinylm.train.loop import TrainConfig, train
+
+
+@dataclass
+class DPOConfig:
+    out: str = "runs/dpo"
+    init: str = ""  # the SFT run: the policy's start and the frozen reference (required)
+    beta: float = 0.1  # the strength of the pull towards the reference (DPO's beta)
+    data: RankingDataConfig = field(default_factory=RankingDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"beta={self.beta} must be > 0")
+
+
+@torch.no_grad()
+def dpo_metrics(model: GPT, data: PairData, batch_size: int, beta: float) -> dict[str, float]:
+    """Held-out DPO loss, the share of pairs with a positive implicit margin, the mean margin."""
+    device = next(model.parameters()).device
+    losses, margins = [], []
+    for x, y, ref in data.batches(batch_size):
+        logp = sequence_logprobs(model, x.to(device), y.to(device))  # (2b,)
+        b = x.shape[0] // 2
+        loss, margin = objectives.dpo_loss(logp[:b], logp[b:], ref[:b].to(device),
+                                           ref[b:].to(device), beta)
+        losses.append(float(loss) * b)
+        margins.append(margin.float().cpu())
+    m = torch.cat(margins)
+    return {"val_loss": sum(losses) / len(m), "val_accuracy": float((m > 0).float().mean()),
+            "val_margin": float(m.mean())}
+
+
+def run(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) with DPO; returns the last metrics (val_loss, val_accuracy, ...)."""
+    if not cfg.init:
+        raise UserError("dpo needs the SFT run to start from: pass --init RUN")
+    if not cfg.data.path:
+        raise UserError("dpo needs rankings: pass --data FILE (from `tinylm feedback export`, "
+                        "or TRL pairs JSONL)")
+    run_dir = prepare_run_dir(cfg.out, resume)
+    source = run_dir if resume else Path(cfg.init)
+    model = rundir.load_model(Path(cfg.init), family="gpt")  # resume: weights from state/
+    tok = Tokenizer.load(source / rundir.TOKENIZER)
+    template = rundir.chat_template(source, required=True)
+    T = model.config.block_size
+    train_rows, held_rows = split_rows(read_rankings(cfg.data.path), cfg.data.val_fraction,
+                                       cfg.data.split_seed)
+    data, held = (PairData(train_rows, tok, template, T), PairData(held_rows, tok, template, T))
+    if not len(data):
+        raise UserError(f"no ranking of {cfg.data.path} gives an ordered pair that fits the "
+                        f"model's {T}-token window")
+    print(f"dpo: {len(data)} training and {len(held)} held-out pairs"
+          + (f" ({data.dropped_pairs} too long dropped)" if data.dropped_pairs else ""))
+    reference = model if not resume else rundir.load_model(Path(cfg.init), family="gpt")
+    for d in (data, held):
+        d.set_reference(reference, cfg.data.eval_batch_size)
+    del reference
+    if not resume:
+        configlib.save(cfg, run_dir / "config.toml")
+        rundir.save_tokenizers(run_dir, tok)
+        rundir.save_chat_template(run_dir, template)
+
+    def batch_fn(step: int, k: int):
+        return data.batch(cfg.train.batch_size, batch_generator(cfg.train.seed, step, k))
+
+    def eval_fn(m: GPT) -> dict[str, float]:
+        return dpo_metrics(m, held, cfg.data.eval_batch_size, cfg.beta) if len(held) else {}
+
+    objective = functools.partial(objectives.dpo, beta=cfg.beta)
+    result = train(model, objective, batch_fn, cfg.train, run_dir, eval_fn, resume=resume,
+                   flops_per_token=model.flops_per_token(T))
+    viz.plot_metrics(run_dir)
+    if "val_accuracy" in result:
+        print(f"dpo: held-out pairs with a positive implicit margin {result['val_accuracy']:.3f}"
+              f", mean margin {result['val_margin']:.3f}, loss {result['val_loss']:.4f} "
+              f"(log 2 = {math.log(2):.4f} at the start)")
+    return result

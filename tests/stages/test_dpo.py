@@ -1,0 +1,70 @@
+"""`tinylm dpo`: DPO on every ordered pair of the rankings, against the frozen init run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tinylm
+from tinylm import config as configlib
+from tinylm import rundir
+from tinylm.cli import main
+from tinylm.feedback.io import read_rankings
+from tinylm.feedback.preferences import PairData, split_rows
+from tinylm.stages import dpo
+
+from ..feedback.tiny import tiny_chat_run, write_rows
+from .test_reward import rankings
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory):
+    return tiny_chat_run(tmp_path_factory.mktemp("dpo") / "chat")
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_rows(tmp_path / "rankings.jsonl", rankings())
+
+
+def dpo_cfg(init, data, out, *extra):
+    return configlib.load(dpo.DPOConfig, "dpo-tinystories", [
+        f"init='{init}'", f"data.path='{data}'", f"out='{out}'", "data.val_fraction=0.25",
+        "train.steps=30", "train.batch_size=6", "train.progress=false", "train.eval_every=0",
+        "train.dtype='float32'", "train.lr=3e-3", "train.muon_lr=0.02", "beta=0.5", *extra])
+
+
+def test_held_out_loss_starts_at_log_2(init_run, data):
+    model, tok = tinylm.load(init_run)
+    _, held = split_rows(read_rankings(data), 0.25, 0)
+    pairs = PairData(held, tok, rundir.chat_template(init_run), model.config.block_size)
+    pairs.set_reference(model)
+    with torch.no_grad():
+        m = dpo.dpo_metrics(model, pairs, 4, beta=0.5)
+    assert len(pairs) == 9 and m["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_dpo_prefers_the_chosen_answers_of_held_out_prompts(init_run, data, tmp_path):
+    result = dpo.run(dpo_cfg(init_run, data, tmp_path / "dpo"))
+    assert result["val_loss"] < math.log(2) - 0.1, result
+    assert result["val_accuracy"] >= 0.8 and result["val_margin"] > 0
+    model, _ = tinylm.load(tmp_path / "dpo", family="gpt")  # a plain chat model again
+    assert (tmp_path / "dpo" / "chat_template.jinja").is_file()
+
+
+def test_the_cli_runs_dpo(init_run, data, tmp_path, capsys):
+    assert main(["dpo", "--init", str(init_run), "--data", str(data), "--out",
+                 str(tmp_path / "d"), "--set", "train.steps=2", "--set",
+                 "train.progress=false", "--set", "data.val_fraction=0.25"]) == 0
+    assert "training with DPO into" in capsys.readouterr().out
+
+
+def test_dpo_bad_input_is_a_one_line_error(init_run, data, tmp_path, capsys, error_of):
+    assert "beta=0.0 must be > 0" in error_of(
+        ["dpo", "--init", str(init_run), "--data", str(data), "--set", "beta=0.0",
+         "--out", str(tmp_path / "x")], capsys)
+    assert "pass --data FILE" in error_of(
+        ["dpo", "--init", str(init_run), "--set", "data.path=''", "--out",
+         str(tmp_path / "y")], capsys)

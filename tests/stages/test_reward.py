@@ -1,0 +1,82 @@
+"""`tinylm reward`: a reward model learns the labelers' order, through the one loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tinylm
+from tinylm import config as configlib
+from tinylm.cli import main
+from tinylm.eval.winrate import reward_judge
+from tinylm.models.heads import RewardModel
+from tinylm.stages import reward
+
+from ..feedback.tiny import tiny_chat_run, write_rows
+
+ANIMALS = ["cat", "dog", "bird", "fox", "cow", "pig", "hen", "owl", "bee", "ant", "elk", "yak"]
+
+
+def rankings() -> list[dict]:
+    """A preference the model can learn from the answers alone: happy > here > sad."""
+    return [{"messages": [{"role": "user", "content": f"Tell me about the {a}."}],
+             "answers": [f"The {a} is sad.", f"The {a} is happy.", f"The {a} is here."],
+             "ranks": [2, 0, 1]} for a in ANIMALS]
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory):
+    return tiny_chat_run(tmp_path_factory.mktemp("reward") / "chat")
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_rows(tmp_path / "rankings.jsonl", rankings())
+
+
+def reward_cfg(init, data, out, *extra):
+    return configlib.load(reward.RewardStageConfig, "reward-tinystories", [
+        f"init='{init}'", f"data.path='{data}'", f"out='{out}'", "data.val_fraction=0.25",
+        "train.steps=40", "train.batch_size=4", "train.progress=false", "train.eval_every=0",
+        "train.dtype='float32'", "train.lr=3e-3", "train.muon_lr=0.02", *extra])
+
+
+def test_reward_model_learns_the_order_of_held_out_answers(init_run, data, tmp_path):
+    result = reward.run(reward_cfg(init_run, data, tmp_path / "rm"))
+    assert result["val_accuracy"] >= 0.75, result  # 0.5 before training (all rewards 0)
+    assert result["val_margin"] > 0 and result["val_pairs"] == 3 * 3  # 3 prompts x C(3,2)
+    model, tok = tinylm.load(tmp_path / "rm")
+    assert isinstance(model, RewardModel) and tok.vocab_size > 0
+    meta = json.loads((tmp_path / "rm" / "model.json").read_text())
+    assert meta["family"] == "reward"
+    assert meta["config"]["std"] == pytest.approx(result["reward_std"]) and result[
+        "reward_std"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_accuracy" in r for r in rows)
+    judge = reward_judge(tmp_path / "rm")  # what `eval winrate --judge reward:RUN` scores by
+    row = {"messages": [{"role": "user", "content": "Tell me about the gnu."}]}
+    assert judge("The gnu is happy.", row) > judge("The gnu is sad.", row)
+
+
+def test_the_cli_trains_from_init_and_data(init_run, data, tmp_path, capsys):
+    assert main(["reward", "--init", str(init_run), "--data", str(data), "--out",
+                 str(tmp_path / "rm"), "--set", "train.steps=2", "--set",
+                 "train.progress=false", "--set", "data.val_fraction=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "training a reward model into" in out and "held-out pairwise accuracy" in out
+
+
+def test_reward_bad_input_is_a_one_line_error(init_run, data, tmp_path, capsys, error_of):
+    base = ["reward", "--init", str(init_run), "--out", str(tmp_path / "x")]
+    assert "no such rankings file" in error_of(base + ["--data", str(tmp_path / "no")],
+                                               capsys)
+    bad = write_rows(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "a"}],
+                                               "answers": ["x", "y"], "ranks": [0]}])
+    assert "bad.jsonl:1" in error_of(base + ["--data", str(bad)], capsys)
+    tied = write_rows(tmp_path / "tied.jsonl", [
+        {"messages": [{"role": "user", "content": f"q{i}"}], "answers": ["x", "y"],
+         "ranks": [0, 0]} for i in range(8)])
+    assert "two differently ranked answers" in error_of(base + ["--data", str(tied)], capsys)
+    assert "pass --init RUN" in error_of(["reward", "--set", "init=''", "--data", str(data),
+                                          "--out", str(tmp_path / "y")], capsys)
