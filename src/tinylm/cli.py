@@ -57,7 +57,8 @@ def sampling_params(args: argparse.Namespace, prompt_len: int, block_size: int, 
 
 
 def print_result(result: dict) -> None:
-    keys = ("step", "loss", "val_loss", "val_ppl", "train_time", "tokens", "tokens_per_s", "mfu")
+    keys = ("step", "loss", "val_loss", "val_ppl", "train_time", "tokens", "tokens_per_s", "mfu",
+            "objective/scores", "objective/kl", "eval/scores", "eval/gold", "eval/kl")
     parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
              for k in keys if k in result]
     print("done: " + " ".join(parts))
@@ -73,6 +74,10 @@ def cmd_stage(stage, args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"{stage.data_key}={json.dumps(args.data)}")
+    for flag, key, _ in stage.flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
     cfg = load_stage_config(stage.config_cls, args.config, overrides, args.out, args.resume)
     if args.init:
         cfg.init = args.init
@@ -424,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         p = sub.add_parser(stage.name, help=stage.help)
         add_config_args(p, stage.preset)
+        for flag, _, text in stage.flags:
+            p.add_argument(flag, help=text)
         p.set_defaults(func=functools.partial(cmd_stage, stage))
 
     p = sub.add_parser("sample", help="generate text from a trained run")

@@ -335,3 +335,20 @@ def test_samples_follow_the_distribution():
     ids = sample_from(probs, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(ids, minlength=5).float() / 20000
     assert torch.allclose(freq, probs[0], atol=0.01) and freq[2] == 0
+
+
+def test_a_kept_engine_sees_weights_a_fused_optimizer_step_changed():
+    # Fused AdamW leaves the tensors' version counters alone: the engine must still notice.
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, d_model=16))
+    engine = Engine(m)
+    p = SamplingParams(max_new_tokens=6, temperature=0)
+    before = engine.generate([[1, 2, 3]], p)[0].token_ids
+    opt = torch.optim.AdamW(m.parameters(), lr=0.5, fused=True)
+    for _ in range(3):
+        m(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 5, 5, 5]])).backward()
+        opt.step()
+        opt.zero_grad()
+    after = engine.generate([[1, 2, 3]], p)[0].token_ids
+    assert after == Engine(m).generate([[1, 2, 3]], p)[0].token_ids
+    assert after != before

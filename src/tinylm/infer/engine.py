@@ -422,9 +422,14 @@ class Engine:
 
     def net(self) -> FastGPT:
         """What runs the forward passes: the model's `FastGPT` twin, rebuilt whenever the
-        model's weights changed since (an optimizer step or a load bumps each tensor's
-        version counter), so generation always sees the current weights."""
-        key = tuple((id(p), p._version) for p in self.model.parameters())
+        model's weights changed since, so generation always sees the current weights.
+
+        A change shows in a tensor's version counter (loads, in-place ops) or, since fused
+        optimizer steps leave that counter alone (PyTorch 2.13's fused AdamW), in a sum over
+        an even sample of about 64 of its values, which any optimizer step moves."""
+        with torch.no_grad():
+            key = tuple((id(p), p._version, float(p.reshape(-1)[::max(1, p.numel() // 64)].sum()))
+                        for p in self.model.parameters())
         if key != self._fast_key:
             self._fast, self._fast_key = FastGPT(self.model, self.dtype), key
         return self._fast

@@ -455,7 +455,8 @@ def create_app(run: str | Path, api_keys: Sequence[str] = (), limits: Limits | N
                dtype: str | None = None, name: str | None = None,
                db: str | Path | None = None) -> FastAPI:
     """The server for one run. `api_keys` empty = open (loopback use). `db`: the feedback
-    store behind the ranking page /label (default runs/feedback.db, opened on first use)."""
+    store behind the ranking page /label (default: feedback.db beside the run dir, which is
+    runs/feedback.db for a run in runs/; opened on first use)."""
     limits = limits or Limits()
     served = Served(run, limits, dtype, name)
     metrics = Metrics({

@@ -31,11 +31,11 @@ import datetime as dt
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 from sqlalchemy import DateTime, Integer, String, Text, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from starlette.concurrency import run_in_threadpool
@@ -60,6 +60,8 @@ from tinylm.serve.app import CSP, STATIC, APIError, ApiKey, PageKey, merged
 LABELER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 RESERVED = {"request", "sentiment", "textblob"}
 RESAMPLE_TRIES = 3
+# A database id: an integer (never "3" or true), within SQLite's 64 bits.
+Id = Annotated[int, Strict(), Field(ge=0, lt=2**63)]
 
 
 class SkipBase(DeclarativeBase):
@@ -80,21 +82,21 @@ class Skip(SkipBase):
 # --- request bodies ----------------------------------------------------------------------------
 class RankingBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    comparison_id: int
+    comparison_id: Id
     labeler: str
-    order: list[list[int] | int] = Field(default_factory=list,
+    order: list[list[Id] | Id] = Field(default_factory=list,
                                          description="answer ids best first; a list = a tie")
     all_bad: bool = False
     demonstration: str | None = Field(None, max_length=20_000)
-    key: str = Field(min_length=8, max_length=200, description="idempotency key")
+    key: str = Field(min_length=1, max_length=200, description="idempotency key")
 
 
 class SkipBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    comparison_id: int
+    comparison_id: Id
     labeler: str
     reason: str = Field(min_length=1, max_length=2000)
-    key: str = Field(min_length=8, max_length=200)
+    key: str = Field(min_length=1, max_length=200)
 
 
 def check_labeler(name: str) -> str:
@@ -118,7 +120,10 @@ class LabelDesk:
                  max_new_tokens: int = 64, temperature: float = 1.0, round: int = 0):
         if k < 2:
             raise UserError(f"--k {k}: a ranking needs at least 2 answers per prompt")
-        self.served, self.db, self.k = served, db or DEFAULT_DB, k
+        # Default: feedback.db beside the run dir, which is runs/feedback.db (feedback
+        # collect's default) for a run in runs/, and a scratch file for a run elsewhere.
+        self.served, self.k = served, k
+        self.db = db or Path(served.run).resolve().parent / Path(DEFAULT_DB).name
         self.max_new_tokens, self.temperature, self.round = max_new_tokens, temperature, round
         self._store: Store | None = None
         self._sampling = asyncio.Lock()

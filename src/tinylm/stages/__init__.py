@@ -23,6 +23,7 @@ class Stage:
     help: str
     doing: str  # what it prints before it starts: "{doing} into runs/x"
     data_key: str  # the config key that `--data FILE` sets
+    flags: tuple[tuple[str, str, str], ...] = ()  # more (--flag, config key, help) pairs
 
     @property
     def config_cls(self) -> type:
@@ -51,6 +52,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "fine-tune on rankings by Direct Preference Optimization", "training with DPO",
           "data.path"),
     Stage("ppo", "tinylm.stages.ppo", "PPOStageConfig", "ppo-tinystories",
-          "PPO of a chat model against a reward model (--init SFT_RUN, reward=RM_RUN)",
-          "PPO", "data.prompts"),
+          "PPO of a chat model against a reward model (--policy SFT_RUN --reward RM_RUN)",
+          "PPO", "data.prompts",
+          (("--policy", "init", "the SFT run to improve (the same as --init)"),
+           ("--reward", "reward", "the reward-model run (tinylm reward) that scores answers"))),
 ]}
