@@ -167,13 +167,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers serve")
     ap.add_argument("--dtype", default="auto", help="tinylm serve --dtype")
+    ap.add_argument("--run", help="serve this trained chat run (e.g. runs/sft-tinystories) "
+                    "instead of a freshly built one; an untrained model's bytes rarely form "
+                    "text, so its stream is held back and TTFT/ITL read as the whole answer")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     if args.quick:
         args.max_tokens = min(args.max_tokens, 32)
     root = Path(tempfile.mkdtemp(prefix="serve-load-"))
     try:
-        run, hf_dir = build_run(root, 128 if args.quick else 256, 2 if args.quick else 4)
+        if args.run:
+            run, hf_dir = Path(args.run), export_hf(args.run, root / "hf")
+        else:
+            run, hf_dir = build_run(root, 128 if args.quick else 256, 2 if args.quick else 4)
         params = sum(t.numel() for t in safetensors.torch.load_file(
             run / "model.safetensors").values())
         print(f"model: {params / 1e6:.1f}M parameters; "

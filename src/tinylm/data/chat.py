@@ -18,6 +18,7 @@ common template does; one that does not is a UserError, not a silent wrong mask.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +94,18 @@ def read_conversations(path: str | Path, need_assistant: bool = True) -> list[li
 _ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """Compiling a template costs about 5 ms, rendering it microseconds: compile each once
+    (compiling per call was 35 s of an SFT start on 3,500 conversations)."""
+    return _ENV.from_string(template)
+
+
 def render_text(messages: list[dict], template: str = TEMPLATE,
                 add_generation_prompt: bool = False) -> str:
     try:
-        return _ENV.from_string(template).render(messages=messages,
-                                                 add_generation_prompt=add_generation_prompt)
+        return _compiled(template).render(messages=messages,
+                                          add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja raises many kinds; any of them is a broken template
         raise UserError(f"the chat template failed to render ({e}); fix the template") from None
 
