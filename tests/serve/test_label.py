@@ -285,8 +285,14 @@ def test_every_acknowledged_ranking_survives_sigkill_exactly_once(serve_run, tmp
         t.start()
     kills, at_kills = 0, []
     try:
-        for _ in range(2):  # a restart takes seconds (importing torch), so two kills
-            time.sleep(rng.uniform(0.05, 0.6))
+        for k in range(2):  # a restart takes seconds (importing torch), so two kills
+            # at a random count of acknowledged rankings, so the kill lands mid-stream on a
+            # machine of any speed, plus a random few milliseconds (mid-request)
+            goal = rng.randint(len(acked) + 1, total * (k + 1) // 3)
+            deadline = time.monotonic() + 60
+            while len(acked) < goal and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0, 0.02))
             if len(acked) == total:
                 break
             proc.send_signal(signal.SIGKILL)
