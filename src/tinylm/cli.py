@@ -199,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                             if os.environ.get("TINYLM_API_KEY") else [])
     limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens, max_batch=args.max_batch,
                     max_waiting=args.max_waiting, per_key_concurrency=args.per_key_concurrency)
-    serve(args.run, args.host, args.port, keys, args.insecure, limits, args.dtype)
+    serve(args.run, args.host, args.port, keys, args.insecure, limits, args.dtype, args.db)
 
 
 def cmd_label(args: argparse.Namespace) -> None:
@@ -452,9 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible API, chat page (/) and autocomplete "
-                                     "page (/complete) for a run")
+    p = sub.add_parser("serve", help="OpenAI-compatible API, chat page (/), autocomplete "
+                                     "page (/complete) and ranking page (/label) for a run")
     p.add_argument("--run", required=True, help="run dir")
+    p.add_argument("--db", default=None, help="feedback store for /label: a SQLite file or "
+                   "SQLAlchemy URL (default: feedback.db beside the run dir)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",

@@ -859,14 +859,15 @@ def check_bind(host: str, api_keys: Sequence[str], insecure: bool) -> None:
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           api_keys: Sequence[str] = (), insecure: bool = False, limits: Limits | None = None,
-          dtype: str | None = None) -> None:
-    """Serve `run` until interrupted (what `tinylm serve` calls)."""
+          dtype: str | None = None, db: str | Path | None = None) -> None:
+    """Serve `run` until interrupted (what `tinylm serve` calls); `db` is the feedback store
+    the ranking page writes to (default: feedback.db beside the run)."""
     import uvicorn
 
     check_bind(host, api_keys, insecure)
     if not (Path(run) / "model.safetensors").is_file():
         raise UserError(f"{run}: not a run dir with a model (no model.safetensors)")
-    app = create_app(run, api_keys, limits, dtype)
+    app = create_app(run, api_keys, limits, dtype, db=db)
     print(f"serving {app.state.served.name} on http://{host}:{port}  (chat: /, autocomplete: "
-          f"/complete, API: /v1, docs: /docs)", flush=True)
+          f"/complete, ranking: /label, API: /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
