@@ -43,6 +43,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """Where and how safely a server listens (tinylm serve, tinylm label)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require this bearer key on every route but /health (repeatable; "
+                        "default: $TINYLM_API_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+
+
 def sampling_params(args: argparse.Namespace, prompt_len: int, block_size: int, **extra):
     """SamplingParams from add_sampling_args' flags; --max-new-tokens defaults to 200, or to
     what the context window leaves after the prompt."""
@@ -457,14 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run dir")
     p.add_argument("--db", default=None, help="feedback store for /label: a SQLite file or "
                    "SQLAlchemy URL (default: feedback.db beside the run dir)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require this bearer key on every route but /health (repeatable; "
-                        "default: $TINYLM_API_KEY)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --host without an API key")
-    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+    add_server_args(p)
     p.add_argument("--max-batch", type=int, default=64, help="rows decoding together")
     p.add_argument("--max-waiting", type=int, default=256, help="rows queued; more get 503")
     p.add_argument("--max-n", type=int, default=16, help="choices per prompt")
@@ -482,13 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="answers per prompt (default 4)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require this key (repeatable; default: $TINYLM_API_KEY)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback --host without an API key")
-    p.add_argument("--dtype", default="auto", help="weights for generation (as in sample)")
+    add_server_args(p)
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("data", help="make data sets from the shipped corpora")

@@ -25,11 +25,8 @@ import pytest
 from tinylm.feedback.store import Demonstration, Ranking, Store
 from tinylm.serve.app import create_app
 
-from .conftest import XSS, LiveServer, free_port
+from .conftest import CHROMIUM, XSS, LiveServer, free_port
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 needs_chromium = pytest.mark.skipif(
     os.environ.get("CI") != "true" and not Path(CHROMIUM).exists(),
     reason="no Chromium at /usr/bin/chromium (CI=true makes this an error)")
@@ -158,27 +155,6 @@ def test_label_command_refuses_bad_input_in_one_line(serve_run, tmp_path, capsys
 
 
 # --- the page in a real browser -----------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.errors = []
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    yield page
-    context.close()
-
-
 def shown_ids(page) -> list[int]:
     return [int(x) for x in page.locator("#answers .answer").evaluate_all(
         "els => els.map(e => e.dataset.id)")]

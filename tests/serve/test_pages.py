@@ -10,36 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import XSS
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+from .conftest import CHROMIUM, XSS
 
 if os.environ.get("CI") != "true" and not Path(CHROMIUM).exists():
     pytest.skip("no Chromium at /usr/bin/chromium (CI=true makes this an error)",
                 allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.errors = []
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    yield page
-    context.close()
 
 
 def say(page, text: str) -> str:
