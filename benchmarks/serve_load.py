@@ -12,9 +12,13 @@ sent `--requests`; measured from the client side:
 - ITL p50: time between two content chunks of one request.
 
 Latencies are between content chunks (both servers send one per token that releases text).
-Both servers run on the same CPU cores one after the other, never at once.
+Both servers are up together but are measured in turns, never at once (the idle one's CPU
+meanwhile is printed), round by round so that load from elsewhere falls on both, with the same
+number of intra-op threads (`--threads`, default all cores but one: what `tinylm serve` uses by
+itself; PyTorch's default, all cores, makes every op of a decode step wait whenever the event
+loop or this script's clients hold one of them).
 
-    python benchmarks/serve_load.py [--quick] [--clients 1,4,8,16,64] [--no-hf]
+    python benchmarks/serve_load.py [--quick] [--clients 1,4,8,16,64] [--repeats 3] [--no-hf]
 """
 
 from __future__ import annotations
@@ -68,10 +72,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], url: str, log: Path, timeout: float = 300) -> subprocess.Popen:
+def start(cmd: list[str], url: str, log: Path, timeout: float = 300,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "TRANSFORMERS_OFFLINE": "1",
-                                 "HF_HUB_OFFLINE": "1"})
+                                 "HF_HUB_OFFLINE": "1", **(env or {})})
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -126,19 +131,42 @@ async def round_(url: str, model: str, clients: int, requests: int, max_tokens: 
         wall = time.perf_counter() - t0
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs or [0])[0]  # noqa: E731
     return {"tok/s": out["tokens"] / wall, "ttft p50": q(out["ttft"], 50),
-            "ttft p95": q(out["ttft"], 95), "itl p50": q(out["itl"], 50)}
+            "ttft p95": q(out["ttft"], 95), "itl p50": q(out["itl"], 50), "wall": wall,
+            "tokens": out["tokens"]}
 
 
-def measure(name: str, url: str, model: str, clients: list[int], args) -> dict[int, dict]:
-    asyncio.run(round_(url, model, 1, 1, 8))  # warm-up: first-use costs (kernels, caches)
-    rows = {}
-    for n in clients:
-        rows[n] = asyncio.run(round_(url, model, n, args.requests, args.max_tokens))
-        r = rows[n]
-        print(f"  {name:>18} {n:>3} clients: {r['tok/s']:8.1f} tok/s  TTFT p50 "
-              f"{r['ttft p50'] * 1e3:7.1f} ms  p95 {r['ttft p95'] * 1e3:7.1f} ms  ITL p50 "
-              f"{r['itl p50'] * 1e3:6.1f} ms", flush=True)
-    return rows
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(servers: dict[str, tuple[subprocess.Popen, str, str]], clients: list[int],
+            args) -> dict[str, dict[int, dict]]:
+    """Rounds of every server in turns (client count by client count, `--repeats` times), so
+    that a burst of load from elsewhere falls on both rather than on one; each figure is the
+    median over the repeats. The idle server's CPU during the other's rounds is printed: it
+    must stay near zero for the turns to be fair."""
+    for _, url, model in servers.values():
+        asyncio.run(round_(url, model, 1, 1, 8))  # warm-up: first-use costs (kernels, caches)
+    runs: dict[str, dict[int, list[dict]]] = {name: {} for name in servers}
+    for _ in range(args.repeats):
+        for n in clients:
+            for name, (_, url, model) in servers.items():
+                others = [p.pid for other, (p, _, _) in servers.items() if other != name]
+                idle = sum(map(cpu_seconds, others))
+                r = asyncio.run(round_(url, model, n, args.requests, args.max_tokens))
+                idle = sum(map(cpu_seconds, others)) - idle
+                runs[name].setdefault(n, []).append(r)
+                print(f"  {name:>18} {n:>3} clients: {r['tok/s']:8.1f} tok/s  TTFT p50 "
+                      f"{r['ttft p50'] * 1e3:7.1f} ms  p95 {r['ttft p95'] * 1e3:7.1f} ms  ITL "
+                      f"p50 {r['itl p50'] * 1e3:6.1f} ms  (idle server's CPU meanwhile: "
+                      f"{100 * idle / r['wall']:.0f}%)", flush=True)
+    return {name: {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                   for n, rs in by_n.items()} for name, by_n in runs.items()}
 
 
 def table(results: dict[str, dict[int, dict]], clients: list[int]) -> None:
@@ -164,9 +192,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small model, fewer tokens")
     ap.add_argument("--clients", default="1,4,8,16,64")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per round")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds per server and client count (figures: their medians)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers serve")
     ap.add_argument("--dtype", default="auto", help="tinylm serve --dtype")
+    ap.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
+                    help="intra-op threads of both servers (OMP_NUM_THREADS); default: all "
+                    "cores but one, tinylm serve's own default, which leaves a core to the "
+                    "event loop and to this script's clients")
     ap.add_argument("--run", help="serve this trained chat run (e.g. runs/sft-tinystories) "
                     "instead of a freshly built one; an untrained model's bytes rarely form "
                     "text, so its stream is held back and TTFT/ITL read as the whole answer")
@@ -184,34 +218,34 @@ def main() -> None:
             run / "model.safetensors").values())
         print(f"model: {params / 1e6:.1f}M parameters; "
               f"{args.max_tokens} new tokens per request, {args.requests} requests per client; "
-              f"{os.cpu_count()} CPUs (shared: numbers taken under whatever else runs)")
-        results = {}
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start([sys.executable, "-m", "tinylm", "serve", "--run", str(run), "--port",
-                      str(port), "--dtype", args.dtype], url, root / "tinylm.log")
+              f"{os.cpu_count()} CPUs (shared: numbers taken under whatever else runs); "
+              f"{args.threads} intra-op thread(s) per server")
+        threads = {"OMP_NUM_THREADS": str(args.threads)}
+        servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
         try:
-            results["tinylm serve"] = measure("tinylm serve", url, run.name, clients, args)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        if not args.no_hf:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            exe = shutil.which("transformers") or str(Path(sys.executable).parent /
-                                                      "transformers")
-            try:
-                proc = start([exe, "serve", "--continuous-batching", "--device", "cpu",
-                              "--port", str(port), str(hf_dir)], url, root / "hf.log")
-            except RuntimeError as e:
-                print(f"transformers serve did not run here: {str(e)[-600:]}")
-            else:
+            servers["tinylm serve"] = (start(
+                [sys.executable, "-m", "tinylm", "serve", "--run", str(run), "--port",
+                 str(port), "--dtype", args.dtype], url, root / "tinylm.log", env=threads),
+                url, run.name)
+            if not args.no_hf:
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                exe = shutil.which("transformers") or str(Path(sys.executable).parent /
+                                                          "transformers")
                 try:
-                    results["transformers serve"] = measure("transformers serve", url,
-                                                            str(hf_dir), clients, args)
-                finally:
-                    proc.terminate()
-                    proc.wait(30)
+                    servers["transformers serve"] = (start(
+                        [exe, "serve", "--continuous-batching", "--device", "cpu", "--port",
+                         str(port), str(hf_dir)], url, root / "hf.log", env=threads),
+                        url, str(hf_dir))
+                except RuntimeError as e:
+                    print(f"transformers serve did not run here: {str(e)[-600:]}")
+            results = measure(servers, clients, args)
+        finally:
+            for proc, _, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
         table(results, clients)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -16,6 +16,7 @@ from tinylm.infer.engine import (
     Engine,
     Event,
     QueueFull,
+    Request,
     SamplingParams,
     Scheduler,
     _Batch,
@@ -307,6 +308,45 @@ def test_async_clients_stream_without_a_thread_each(model, tok):
         assert threading.active_count() == threads
     want = engine.generate(PROMPTS[:4], p)
     assert out == [(c.text, c.token_ids) for c in want]
+
+
+def test_chunks_hand_a_late_reader_every_ready_event_at_once(model, tok):
+    engine = Engine(model, tok)
+    p = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+
+    async def read(req):
+        return [chunk async for chunk in req.chunks()]
+
+    with Scheduler(engine) as s:
+        req = s.submit(PROMPTS[0], p)[0]
+        want = req.result(timeout=30)  # every event is in before the reader starts
+        chunks = asyncio.run(read(req))
+    assert len(chunks) == 1 and [e.token_id for e in chunks[0]] == want.token_ids
+    assert "".join(e.text for e in chunks[0]) == want.text
+    assert [e.logprob for e in chunks[0]] == want.logprobs
+
+
+def test_tokens_reach_the_client_before_the_decode_that_follows_them(model, tok, monkeypatch):
+    """A step's tokens (a newcomer's first above all) are handed over before the decode of the
+    next ones starts, which they do not need."""
+    engine = Engine(model, tok)
+    order: list[str] = []
+    decode = FastGPT.decode
+    monkeypatch.setattr(FastGPT, "decode",
+                        lambda self, *a: order.append("decode") or decode(self, *a))
+    push = Request._push
+
+    def recorded(self, events, **kw):
+        order.extend(["token"] * len(events))
+        return push(self, events, **kw)
+
+    monkeypatch.setattr(Request, "_push", recorded)
+    p = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    with Scheduler(engine) as s:
+        req = s.submit(PROMPTS[0], p)[0]
+        assert req.result(timeout=30).token_ids == naive(model, tok, PROMPTS[0], p)
+    # the prompt's prefill runs through hidden_states, not decode: then token, decode, ...
+    assert order == ["token", "decode", "token", "decode", "token"]
 
 
 def test_a_cancelled_request_leaves_and_the_others_are_unchanged(model, tok):

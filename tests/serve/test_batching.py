@@ -89,3 +89,33 @@ def test_a_client_that_goes_away_cancels_its_rows(server, monkeypatch):
     for req in submitted:
         c = req.result(timeout=30)
         assert c.finish_reason == "cancelled" and len(c.token_ids) < 90
+
+
+def test_a_stream_that_fell_behind_sends_the_ready_tokens_in_one_chunk(server):
+    """Every event that is ready when the server writes goes out as one SSE chunk: one delta
+    with all their text, logprobs listed token by token; the same as the whole response."""
+    from tinylm.data import chat
+    from tinylm.serve.app import ChatRun, sampling
+    from tinylm.serve.schemas import ChatRequest
+
+    served, metrics = server.app.state.served, server.app.state.metrics
+    body = {"model": served.name, "messages": [{"role": "user", "content": "Where is the cat?"}],
+            "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    request = ChatRequest(**body, stream=True, stream_options={"include_usage": True})
+    ids = chat.render(served.tok, body["messages"], served.template,
+                      add_generation_prompt=True).ids
+    rows = served.scheduler.submit(ids, sampling(request, served, 12, True, 2, served.turn_end))
+    rows[0].result(timeout=60)  # done before the stream is read: a reader far behind
+
+    async def read() -> list[dict]:
+        run = ChatRun(request, served, metrics, rows, len(ids))
+        return [json.loads(c[6:]) async for c in run.stream() if c != "data: [DONE]\n\n"]
+
+    chunks = asyncio.run(read())
+    content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content) == 1
+    choice, want = content[0]["choices"][0], whole["choices"][0]
+    assert choice["delta"]["content"] == want["message"]["content"]
+    assert choice["logprobs"] == want["logprobs"]
+    assert len(choice["logprobs"]["content"]) == chunks[-1]["usage"]["completion_tokens"] > 1

@@ -419,6 +419,7 @@ class Engine:
         self.dtype = resolve_dtype(dtype, model)
         self._fast: FastGPT | None = None
         self._fast_key: tuple | None = None
+        self._probe: tuple | None = None  # (layout, strided views, segment ids): _weights_key
 
     def net(self) -> FastGPT:
         """What runs the forward passes: the model's `FastGPT` twin, rebuilt whenever the
@@ -427,12 +428,36 @@ class Engine:
         A change shows in a tensor's version counter (loads, in-place ops) or, since fused
         optimizer steps leave that counter alone (PyTorch 2.13's fused AdamW), in a sum over
         an even sample of about 64 of its values, which any optimizer step moves."""
-        with torch.no_grad():
-            key = tuple((id(p), p._version, float(p.reshape(-1)[::max(1, p.numel() // 64)].sum()))
-                        for p in self.model.parameters())
+        key = self._weights_key()
         if key != self._fast_key:
             self._fast, self._fast_key = FastGPT(self.model, self.dtype), key
         return self._fast
+
+    def _weights_key(self) -> tuple:
+        """What changes when the weights do (`net()`): each tensor's identity, storage and
+        version counter, and the sum of an even sample of about 64 of its values. The samples
+        are views kept from call to call and summed in one cat + index_add, not three small
+        ops per tensor: this runs whenever a request finds the batch empty, so before every
+        request's first token when clients come one at a time."""
+        params = list(self.model.parameters())
+        layout = tuple((id(p), p.data_ptr(), p.shape, p.is_contiguous()) for p in params)
+        with torch.no_grad():
+            if self._probe is None or self._probe[0] != layout:
+                views = [p.detach().view(-1)[:: max(1, p.numel() // 64)] if p.is_contiguous()
+                         else None for p in params]  # a non-contiguous one: sampled anew
+                self._probe = (layout, views, None)
+            _, views, seg = self._probe
+            sample = [v if v is not None else p.reshape(-1)[:: max(1, p.numel() // 64)]
+                      for v, p in zip(views, params)]
+            if seg is None:
+                seg = torch.repeat_interleave(
+                    torch.arange(len(sample)), torch.tensor([len(v) for v in sample]))
+                seg = seg.to(sample[0].device) if sample else seg
+                self._probe = (layout, views, seg)
+            sums = [] if not sample else torch.zeros(len(sample), dtype=torch.float64,
+                                                      device=seg.device).index_add_(
+                0, seg, torch.cat(sample).double()).tolist()  # (n params,)
+        return layout, tuple(p._version for p in params), tuple(sums)
 
     # -- public API --
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -551,8 +576,9 @@ class Engine:
         for r in rows:
             batch.add([r])
         while batch.busy:
-            events, _ = batch.step()
-            yield from events
+            events, _ = batch.sample()
+            yield from events  # before the decode: a stream's reader sees its token at once
+            batch.forward()
 
     @staticmethod
     def _record_logprobs(logits, nxt, rows: list[_Row], top_n: int) -> None:
@@ -585,11 +611,30 @@ class Event:
     top_logprobs: list[tuple[int, float]] | None = None  # when params.top_logprobs > 0
 
 
+def _wake(futures: list[asyncio.Future]) -> None:
+    for f in futures:
+        if not f.done():
+            f.set_result(None)
+
+
+def _wake_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
+    """Resolve asyncio readers' futures from another thread: one callback per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for loop, future in waiters:
+        by_loop.setdefault(loop, []).append(future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_wake, futures)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
+
+
 class Request:
     """One submitted continuation (one of `n`), filled by the scheduler's thread.
 
     Its events are kept, so each iteration (`for e in req` blocking, `async for e in req` on
-    an event loop, without a thread per request) sees all of them from the start. Ending an
+    an event loop, without a thread per request, or `async for events in req.chunks()`: the
+    same in lists of whatever has arrived) sees all of them from the start. Ending an
     iteration early does not cancel the request; `cancel()` does."""
 
     def __init__(self, row: _Row, scheduler: Scheduler):
@@ -602,11 +647,13 @@ class Request:
         self._done = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     # -- the scheduler's side --
-    def _push(self, events: list[Event], done: bool = False,
-              error: BaseException | None = None) -> None:
+    def _push(self, events: list[Event], done: bool = False, error: BaseException | None = None,
+              wake: bool = True) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
+        """Add events (and the end); wakes the waiting readers, or with `wake=False` returns
+        the asyncio ones for the caller to wake together with others (`_wake_all`)."""
         now = time.perf_counter()
         with self._cond:
             if events and self.t_first_token is None:
@@ -616,11 +663,9 @@ class Request:
                 self._done, self._error, self.t_done = True, error, now
             self._cond.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
-        for loop, flag in waiters:
-            try:
-                loop.call_soon_threadsafe(flag.set)
-            except RuntimeError:  # that loop is closed: nobody is waiting any more
-                pass
+        if wake:
+            _wake_all(waiters)
+        return waiters
 
     # -- the client's side --
     @property
@@ -646,25 +691,33 @@ class Request:
                     raise error
                 return
 
-    async def _aiter(self) -> AsyncIterator[Event]:
+    async def chunks(self) -> AsyncIterator[list[Event]]:
+        """The events in lists: each list holds every event that arrived since the last one
+        was taken (at least one). A reader that falls behind the decode loop thus catches up
+        in one go (the server sends such a list as one SSE chunk) instead of paying its
+        per-event costs for every token."""
         loop = asyncio.get_running_loop()
         i = 0
         while True:
-            flag = asyncio.Event()
             with self._cond:
                 chunk, done, error = self._events[i:], self._done, self._error
                 if not chunk and not done:
-                    self._async_waiters.append((loop, flag))
+                    wakeup = loop.create_future()
+                    self._async_waiters.append((loop, wakeup))
             if chunk:
                 i += len(chunk)
-                for e in chunk:
-                    yield e
+                yield chunk
             elif done:
                 if error is not None:
                     raise error
                 return
             else:
-                await flag.wait()
+                await wakeup
+
+    async def _aiter(self) -> AsyncIterator[Event]:
+        async for chunk in self.chunks():
+            for e in chunk:
+                yield e
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._aiter()
@@ -758,25 +811,31 @@ class Scheduler:
             for group in inbox:
                 self._batch.add(group)
             try:
-                events, finished = self._batch.step()
+                events, finished = self._batch.sample()
+                # The tokens go out before the decode, which their clients do not need.
+                self._deliver(events, finished)
+                self._batch.forward()
             except Exception as e:  # a bug must not hang the clients: fail what was running
                 self._batch.reset()
                 self._fail(e)
-                continue
-            self._deliver(events, finished)
         rows = self._batch.reset() + [r for g in self._inbox for r in g]
         for r in rows:
             r.finish = r.finish or "cancelled"
         self._deliver([], rows)
 
     def _deliver(self, events: list[tuple[_Row, str]], finished: list[_Row]) -> None:
+        """Hand a step's events to their requests. Waiting asyncio readers are woken with one
+        call_soon_threadsafe per event loop per step, not one per request: each such call
+        writes to the loop's self-pipe and costs the loop a wake-up."""
         by_row: dict[int, list[Event]] = {}
         for row, delta in events:
             by_row.setdefault(id(row), []).append(row.event(delta))
         done = {id(r) for r in finished}
+        waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         for key in by_row.keys() | done:
             req = self._requests.pop(key) if key in done else self._requests[key]
-            req._push(by_row.get(key, []), done=key in done)
+            waiters += req._push(by_row.get(key, []), done=key in done, wake=False)
+        _wake_all(waiters)
 
     def _fail(self, error: BaseException) -> None:
         """End every request handed to the batch so far (all but the inbox's) with `error`."""
@@ -940,6 +999,7 @@ class _Batch:
         self.logits: torch.Tensor | None = None  # (n, V): each row's next-token logits
         self.slots: _Slots | None = None
         self.settings: _Settings | None = None  # per-row sampling tensors; None: rebuild
+        self._next: torch.Tensor | None = None  # (n,): sampled, not yet decoded
 
     @property
     def busy(self) -> bool:
@@ -953,12 +1013,22 @@ class _Batch:
         """Forget everything (after an error); the rows that were waiting or running."""
         rows = self.rows + [r for g in self.waiting for r in g]
         self.waiting, self.n_waiting, self.rows = deque(), 0, []
-        self.logits = self.slots = self.settings = None
+        self.logits = self.slots = self.settings = self._next = None
         return rows
 
     def step(self) -> tuple[list[tuple[_Row, str]], list[_Row]]:
         """One step: (row, text increment) for every token sampled, and the rows that ended
         (finished, cancelled, or asked for no tokens at all)."""
+        out = self.sample()
+        self.forward()
+        return out
+
+    def sample(self) -> tuple[list[tuple[_Row, str]], list[_Row]]:
+        """Steps 1-3 of `step()`: what `step()` returns, before the decode. The Scheduler
+        hands these tokens to its clients first and decodes (`forward()`) after, so that no
+        token, a newcomer's first above all, waits for a decode it does not need."""
+        if self._next is not None:  # a sample() without its forward(): do it now
+            self.forward()
         with torch.inference_mode():
             # New weights (a training step between requests) apply from the first step with
             # an empty batch: the running rows finish on the weights their cache was made by.
@@ -982,12 +1052,20 @@ class _Batch:
             events = [(r, r.add(t)) for r, t in zip(self.rows, nxt.tolist()) if r.finish is None]
             ended += self._leave(nxt)
             if self.rows:
-                nxt = nxt[: len(self.rows)]
-                view = self.slots.view(max(r.params.max_new_tokens - len(r.tokens)
-                                           for r in self.rows))
-                self.logits = net.decode(nxt[:, None], view)[:, -1]  # (n, V)
-                self.slots.advanced()
+                self._next = nxt[: len(self.rows)]
         return events, ended
+
+    def forward(self) -> None:
+        """Step 4 of `step()`: the rows still running decode the tokens `sample()` chose,
+        which gives the next step's logits."""
+        nxt, self._next = self._next, None
+        if nxt is None or not self.rows:
+            return
+        with torch.inference_mode():
+            view = self.slots.view(max(r.params.max_new_tokens - len(r.tokens)
+                                       for r in self.rows))
+            self.logits = self.slots.net.decode(nxt[:, None], view)[:, -1]  # (n, V)
+            self.slots.advanced()
 
     def _admit(self, net: FastGPT) -> list[_Row]:
         """Take waiting groups while rows and the prefill budget last; prefill and splice

@@ -38,8 +38,10 @@ import binascii
 import contextlib
 import hmac
 import ipaddress
+import json
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -257,11 +259,13 @@ class Limiter:
 _bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
 
 
-def api_key(request: Request, _: Annotated[Any, Depends(_bearer)]) -> str:
+# Async, though they do not await: FastAPI runs a plain `def` dependency in a worker thread,
+# a thread hop (and a GIL hand-over) on every request's way to its first token.
+async def api_key(request: Request, _: Annotated[Any, Depends(_bearer)]) -> str:
     return request.app.state.auth.check(request)
 
 
-def page_key(request: Request) -> str:
+async def page_key(request: Request) -> str:
     return request.app.state.auth.check(request, page=True)
 
 
@@ -366,39 +370,73 @@ def submit_all(served: Served, prompts: list[list[int]], params: SamplingParams,
 
 
 # --- rows: events in, metrics out --------------------------------------------------------------
-async def merged(rows: list, metrics: Metrics | None
-                 ) -> AsyncIterator[tuple[int, Event | None]]:
-    """(row, event) as the rows produce them, then (row, None) when each row ends. Leaving
-    early (the client went away) cancels every row still running. `metrics` None: rows that
-    are not a client's request (the autocomplete's), kept out of the latency figures."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, req) -> None:
-        last = None
-        try:
-            if req is not None:
-                async for event in req:
-                    now = time.perf_counter()
-                    if last is not None and metrics is not None:
-                        metrics.itl.observe(now - last)
-                    last = now
-                    await queue.put((i, event))
-        finally:
-            await queue.put((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(rows)]
+async def merged_chunks(rows: list, metrics: Metrics | None
+                        ) -> AsyncIterator[tuple[int, list[Event] | None]]:
+    """(row, events) as the rows produce them, each list holding every event of that row that
+    arrived since its last one (what a stream sends as one chunk: a reader that fell behind
+    catches up at once), then (row, None) when each row ends. Leaving early (the client went
+    away) cancels every row still running. `metrics` None: rows that are not a client's
+    request (the autocomplete's), kept out of the latency figures."""
+    itl = metrics.itl if metrics is not None else None
     try:
-        for _ in range(len(rows)):
-            while (item := await queue.get())[1] is not None:
+        if len(rows) == 1:  # the common case, without a queue and a task in between
+            req = rows[0]
+            if req is not None:
+                last = None
+                async for events in req.chunks():
+                    last = _observe(itl, last, len(events))
+                    yield 0, events
+            yield 0, None
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, req) -> None:
+            last = None
+            try:
+                if req is not None:
+                    async for events in req.chunks():
+                        last = _observe(itl, last, len(events))
+                        queue.put_nowait((i, events))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(rows)]
+        try:
+            for _ in range(len(rows)):
+                while (item := await queue.get())[1] is not None:
+                    yield item
                 yield item
-            yield item
-        await asyncio.gather(*tasks)  # a scheduler failure surfaces here
+            await asyncio.gather(*tasks)  # a scheduler failure surfaces here
+        finally:
+            for t in tasks:
+                t.cancel()
     finally:
-        for t in tasks:
-            t.cancel()
         for r in rows:
             if r is not None and not r.done:
                 r.cancel()
+
+
+def _observe(itl, last: float | None, n: int) -> float:
+    """Record the inter-token latencies of `n` events that arrived together: the gap since
+    the previous ones, then zeros (they leave the server in one chunk)."""
+    now = time.perf_counter()
+    if itl is not None:
+        if last is not None:
+            itl.observe(now - last)
+        for _ in range(n - 1):
+            itl.observe(0.0)
+    return now
+
+
+async def merged(rows: list, metrics: Metrics | None
+                 ) -> AsyncIterator[tuple[int, Event | None]]:
+    """`merged_chunks` one event at a time: (row, event), then (row, None) when a row ends."""
+    async for i, events in merged_chunks(rows, metrics):
+        if events is None:
+            yield i, None
+        else:
+            for e in events:
+                yield i, e
 
 
 def finished(req, metrics: Metrics) -> tuple[str, int]:
@@ -416,8 +454,6 @@ def finished(req, metrics: Metrics) -> tuple[str, int]:
 
 
 def sse(data: dict | str) -> str:
-    import json
-
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
@@ -671,10 +707,18 @@ class _Run:
         self.body, self.served, self.metrics, self.rows = body, served, metrics, rows
         self.id = self.id_prefix + secrets.token_hex(12)
         self.created = int(time.time())
+        self._head: str | None = None
 
     def chunk(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": self.chunk_object, "created": self.created,
                 "model": self.served.name, "choices": choices, **extra}
+
+    def sse_chunk(self, choices: list[dict]) -> str:
+        """`sse(self.chunk(choices))`, with the part every chunk of this response shares
+        serialised once."""
+        if self._head is None:
+            self._head = "data: " + json.dumps(self.chunk([]))[: -len("[]}")]
+        return f"{self._head}{json.dumps(choices)}}}\n\n"
 
     def include_usage(self) -> bool:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
@@ -683,14 +727,17 @@ class _Run:
         generated = 0
         try:
             for first in self.openers():
-                yield sse(self.chunk([first]))
-            async for i, event in merged(self.rows, self.metrics):
-                if event is None:
+                yield self.sse_chunk([first])
+            # All the events of a row that are ready go out as one chunk (one delta holding
+            # several tokens' text; their logprobs listed token by token), so a stream that
+            # falls behind the decode loop pays its per-chunk costs once, not per token.
+            async for i, events in merged_chunks(self.rows, self.metrics):
+                if events is None:
                     reason, n = finished(self.rows[i], self.metrics)
                     generated += n
-                    yield sse(self.chunk([self.ending(i, reason)]))
-                elif event.text or event.logprob is not None:
-                    yield sse(self.chunk([self.delta(i, event)]))
+                    yield self.sse_chunk([self.ending(i, reason)])
+                elif (d := self.delta(i, events)) is not None:
+                    yield self.sse_chunk([d])
             if self.include_usage():
                 yield sse(self.chunk([], usage=usage(self.prompt_total(), generated)))
         except (UserError, QueueFull) as e:
@@ -717,6 +764,7 @@ class CompletionRun(_Run):
     def __init__(self, body: CompletionRequest, served, metrics, rows, echoes, prompts):
         super().__init__(body, served, metrics, rows)
         self.echoes, self.prompts = echoes, prompts
+        self.at: list[int] | None = None  # per choice: text offset of its next streamed token
 
     def prompt_of(self, i: int) -> int:
         return i // self.body.n
@@ -733,12 +781,20 @@ class CompletionRun(_Run):
         return [self.choice(i, *self.echoes[self.prompt_of(i)], None)
                 for i in range(len(self.rows))]
 
-    def delta(self, i: int, e: Event) -> dict:
+    def delta(self, i: int, events: list[Event]) -> dict | None:
+        """The chunk of choice i for these events; None when they carry nothing to send."""
+        text = "".join(e.text for e in events)
         lp = None
         if self.body.logprobs is not None:
-            lp = completion_logprobs(self.served, [e.token_id], [e.logprob],
-                                     [e.top_logprobs or []], 0)
-        return self.choice(i, e.text, lp, None)
+            if self.at is None:  # text offsets count from the start of the text, echo included
+                self.at = [len(self.echoes[self.prompt_of(j)][0]) for j in range(len(self.rows))]
+            lp = completion_logprobs(self.served, [e.token_id for e in events],
+                                     [e.logprob for e in events],
+                                     [e.top_logprobs or [] for e in events], self.at[i])
+            self.at[i] += sum(map(len, lp["tokens"]))
+        elif not text:
+            return None
+        return self.choice(i, text, lp, None)
 
     def ending(self, i: int, reason: str) -> dict:
         return self.choice(i, "", None, reason)
@@ -773,9 +829,15 @@ class ChatRun(_Run):
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for i in range(len(self.rows))]
 
-    def delta(self, i: int, e: Event) -> dict:
-        lp = {"content": [chat_logprob(self.served, e)]} if self.body.logprobs else None
-        return {"index": i, "delta": {"content": e.text}, "logprobs": lp, "finish_reason": None}
+    def delta(self, i: int, events: list[Event]) -> dict | None:
+        """The chunk of choice i for these events; None when they carry nothing to send."""
+        text = "".join(e.text for e in events)
+        lp = None
+        if self.body.logprobs:
+            lp = {"content": [chat_logprob(self.served, e) for e in events]}
+        elif not text:
+            return None
+        return {"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
 
     def ending(self, i: int, reason: str) -> dict:
         return {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
@@ -857,6 +919,23 @@ def check_bind(host: str, api_keys: Sequence[str], insecure: bool) -> None:
                         f"--insecure if this network is trusted")
 
 
+def decode_threads() -> int:
+    """Give the decode loop's matmuls all CPU cores but one (unless OMP_NUM_THREADS says
+    otherwise); returns the number. The event loop, which parses requests and writes every
+    token to its socket, needs a core of its own: PyTorch's intra-op threads wait for each
+    other at the end of every op, so when one of them shares its core with the event loop
+    (or a client on the same machine), every op of a decode step waits for that core's
+    time slice, and a step that takes a millisecond alone takes tens of milliseconds.
+    benchmarks/serve_load.py measures it (docs/serving.md)."""
+    import torch
+
+    if not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores - 1))
+    return torch.get_num_threads()
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           api_keys: Sequence[str] = (), insecure: bool = False, limits: Limits | None = None,
           dtype: str | None = None, db: str | Path | None = None) -> None:
@@ -867,7 +946,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
     check_bind(host, api_keys, insecure)
     if not (Path(run) / "model.safetensors").is_file():
         raise UserError(f"{run}: not a run dir with a model (no model.safetensors)")
+    threads = decode_threads()
     app = create_app(run, api_keys, limits, dtype, db=db)
     print(f"serving {app.state.served.name} on http://{host}:{port}  (chat: /, autocomplete: "
-          f"/complete, ranking: /label, API: /v1)", flush=True)
+          f"/complete, ranking: /label, API: /v1; {threads} decode thread(s))", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
