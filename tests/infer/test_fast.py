@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tinylm.infer.fast as fast
 from tinylm.errors import UserError
+from tinylm.infer import kernels
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import FastGPT, native_bf16
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
@@ -130,13 +132,23 @@ def test_half_precision_logits_are_close_to_fp32(name, dtype, pack):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen3-like"])
-def test_int8_logits_are_close_to_fp32_on_both_kernels(name):
-    """One decode row runs PyTorch's int8 kernel; a 3x10-token prefill runs the same int8
-    weights widened to bf16. Both stay close to fp32."""
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c-int8", "torch-int8"])
+def test_int8_logits_are_close_to_fp32_on_every_path(name, c_kernel, monkeypatch):
+    """Decode rows run an int8 kernel (the C one, or PyTorch's where it cannot be built); a
+    3x10-token prefill runs the wide path (the same int8 weights widened). All stay close to
+    fp32, and with the C kernel the embedding shares the tied head's int8 rows."""
+    if c_kernel and not kernels.available():
+        pytest.skip("no C compiler here")
+    if not c_kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
     torch.manual_seed(0)
     model = GPT(CONFIGS[name]).eval()
     int8 = FastGPT(model, torch.int8)
-    assert all(layer.qkv.int8 is not None for layer in int8.layers)  # 128 wide: int8 kernel
+    kernel = "c_int8" if c_kernel else "int8"
+    assert all(getattr(layer.qkv, kernel) is not None for layer in int8.layers)  # 128 wide
+    assert int8.tok_emb is None and int8.emb_int8 is not None
+    if c_kernel and model.config.tie_embeddings:
+        assert int8.emb_int8 is int8.head.c_int8  # one int8 copy of the tied matrix
     ids, nxt = torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (3, 1))
     pad = torch.tensor([0, 3, 5])
     want = prefill_then_decode(model, ids, pad, nxt)
@@ -147,16 +159,46 @@ def test_int8_logits_are_close_to_fp32_on_both_kernels(name):
     assert (one - want[1][:1]).abs().max() < 0.03 * want[1].abs().max()
 
 
-def test_int8_keeps_widths_the_kernel_cannot_take_in_bf16():
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_on_each_side_of_max_rows_equals_the_dequantized_matmul(rows, dtype):
+    """Up to max_rows rows run the C kernel, more the wide path: both compute x times the
+    dequantized weights, plus bias and residual or activation, within rounding."""
+    if not kernels.available():
+        pytest.skip("no C compiler here")
     torch.manual_seed(0)
-    model = GPT(gpt2_style(**SMALL | {"d_model": 24})).eval()  # 24: not a multiple of 16
-    fast_model = FastGPT(model, torch.int8)
-    assert all(layer.qkv.int8 is None for layer in fast_model.layers)
-    got = prefill_then_decode(fast_model, torch.tensor([[1, 2, 3]]), torch.tensor([0]),
-                              torch.tensor([[4]]))[1]
+    w, b = torch.randn(48, 64), torch.randn(48)
+    lin = fast.Linear(w, b, torch.int8)
+    q, scale = lin.c_int8
+    x, res = torch.randn(rows, 64).to(dtype), torch.randn(rows, 48).to(dtype)
+    want = x.float() @ (q.float() * scale[:, None]).T + b  # (rows, 48)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    got = lin(x, residual=res)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want + res.float(), atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(lin(x, act="relu").float(), want.relu(), atol=tol * 10, rtol=tol)
+    glu = fast.Linear(w, b, torch.int8, glu=True)  # rows 0-23 gate, 24-47 up
+    assert glu.c_int8 is None and glu.c_glu is not None  # one int8 copy, interleaved
+    gate, up = want.chunk(2, dim=-1)
+    torch.testing.assert_close(glu(x, act="swiglu").float(), F.silu(gate) * up,
+                               atol=tol * 10, rtol=tol)
+
+
+def test_int8_widths_pytorchs_kernel_cannot_take(monkeypatch):
+    """24 wide: not a multiple of 16, which PyTorch's int8 kernel needs (the C kernel takes any
+    width); without the C kernel such a layer keeps only the bf16 form."""
+    torch.manual_seed(0)
+    model = GPT(gpt2_style(**SMALL | {"d_model": 24})).eval()
     want = prefill_then_decode(model, torch.tensor([[1, 2, 3]]), torch.tensor([0]),
                                torch.tensor([[4]]))[1]
-    assert (got - want).abs().max() < 0.03 * want.abs().max()
+    for c_kernel in ([True, False] if kernels.available() else [False]):
+        monkeypatch.setattr(kernels, "available", lambda c=c_kernel: c)
+        fast_model = FastGPT(model, torch.int8)
+        assert all((layer.qkv.c_int8 is not None) == c_kernel and layer.qkv.int8 is None
+                   for layer in fast_model.layers)
+        got = prefill_then_decode(fast_model, torch.tensor([[1, 2, 3]]), torch.tensor([0]),
+                                  torch.tensor([[4]]))[1]
+        assert (got - want).abs().max() < 0.03 * want.abs().max()
 
 
 def test_engine_sees_weights_changed_after_it_was_made():
@@ -228,28 +270,31 @@ def test_engine_with_grouped_query_attention_equals_the_naive_reference():
 
 
 def test_auto_picks_what_measured_faster_once_per_machine_and_shape(monkeypatch, tmp_path):
-    """`auto` on a CPU with native bf16 is int8 or bf16 as `race_int8_bf16` found for this
-    shape here; the result is cached, so the race runs once per shape."""
+    """`auto` on a CPU keeps the weights `race` found fastest here for this shape, int8 if it
+    won at batch 1 or 8, else batch 1's winner; the result is cached, so the race runs once
+    per shape, and it is a measurement, not a CPU flag."""
     monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
     calls = []
-    winner = {"name": "bf16"}
+    seconds = {"fp32": [1.0, 1.0], "bf16": [2.0, 0.5], "int8": [3.0, 3.0]}
 
     def race(c):
         calls.append(c.d_model)
-        return winner["name"]
+        return {k: list(v) for k, v in seconds.items()}
 
-    monkeypatch.setattr(fast, "race_int8_bf16", race)
-    monkeypatch.setattr(fast, "native_bf16", lambda device: True)
+    monkeypatch.setattr(fast, "race", race)
     model = GPT(CONFIGS["gqa-llama"])
-    assert fast.resolve_dtype("auto", model) == torch.bfloat16
-    winner["name"] = "int8"  # a second call reads the cache and does not race again
-    assert fast.resolve_dtype("auto", model) == torch.bfloat16 and calls == [128]
-    assert fast.resolve_dtype("auto", GPT(CONFIGS["gpt2"])) == torch.int8  # another shape
+    assert fast.resolve_dtype("auto", model) == torch.float32  # batch 1's winner
+    assert fast.auto_plan(model.config)["by_batch"] == {"1": "fp32", "8": "bf16"}
+    seconds["int8"] = [3.0, 0.1]  # a second call reads the cache and does not race again
+    assert fast.resolve_dtype("auto", model) == torch.float32 and calls == [128]
+    other = GPT(GPTConfig(**SMALL | {"d_model": 64}))
+    assert fast.resolve_dtype("auto", other) == torch.int8  # another shape: int8 won at 8
     assert len(calls) == 2 and (tmp_path / fast.AUTO_FILE).is_file()
-    monkeypatch.setattr(fast, "native_bf16", lambda device: False)
-    assert fast.resolve_dtype("auto", model) == torch.float32
 
 
-def test_the_int8_bf16_race_runs_the_models_shapes():
+def test_the_race_runs_the_models_shapes_for_each_candidate():
     c = GPTConfig(**SMALL | {"n_head": 4}, mlp="swiglu", n_kv_head=2)
-    assert fast.race_int8_bf16(c, repeats=1) in ("int8", "bf16")
+    seconds = fast.race(c, repeats=1)
+    assert {"fp32", "int8"} <= set(seconds) and all(
+        len(v) == len(fast.AUTO_BATCHES) and min(v) > 0 for v in seconds.values())
+    assert ("bf16" in seconds) == native_bf16(torch.device("cpu"))

@@ -108,8 +108,9 @@ def test_int8_decode_on_the_bf16_cache_matches_the_fp32_cache(monkeypatch, confi
         return cache.k.dtype, net.decode(nxt, cache)
 
     kv_dtype, got = decode_step(FastGPT(model, torch.int8))
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    fp32_kv, want = decode_step(FastGPT(model, torch.int8))
+    plain = FastGPT(model, torch.int8)  # the same matmuls, PyTorch's attention on fp32
+    plain.c_attention, plain.kv_dtype = False, torch.float32
+    fp32_kv, want = decode_step(plain)
     assert (kv_dtype, fp32_kv) == (torch.bfloat16, torch.float32)
     assert (got - want).abs().max() < 0.01 * want.abs().max()
 
@@ -146,3 +147,27 @@ def test_a_blocked_key_cache_holds_the_same_keys_through_append_and_select():
     for layer in (0, 1):
         assert torch.equal(plain.keys(layer, end), blocked.keys(layer, end))
     assert torch.equal(plain.v, blocked.v)
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [24, 64, 4096], ids=["scalar-loop", "int16-rows", "wide-k"])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_int8_linear_kernel_equals_the_dequantized_matmul(K, rows):
+    """Any width (24: the plain loop; multiples of 16: activations rounded to int16, whose
+    step shrinks for large K so that int32 sums cannot overflow), any row count, an odd
+    number of output rows, bias and residual, bf16 and fp32."""
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (37, K), dtype=torch.int8)
+    scale, bias = torch.rand(37) / 100, torch.randn(37)
+    x = torch.randn(rows, K) * 4
+    x[0, 0] = 100.0  # an outlier sets its row's int16 step
+    want = x @ (q.float() * scale[:, None]).T + bias
+    for dtype in (torch.float32, torch.bfloat16):
+        res = torch.randn(rows, 37).to(dtype)
+        got = kernels.int8_linear(x.to(dtype), q, scale, bias, res)
+        assert got.dtype == dtype and got.shape == (rows, 37)
+        xd = x.to(dtype).float()
+        ref = xd @ (q.float() * scale[:, None]).T + bias + res.float()
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), ref, atol=tol * want.abs().max().item(),
+                                   rtol=tol)

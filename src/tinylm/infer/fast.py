@@ -9,11 +9,14 @@ few microseconds for each of a few hundred small calls. `FastGPT` computes the s
 with less of both:
 
 - fewer bytes: the weights are cast once to the chosen dtype. bf16 halves them; int8 (one
-  scale per output row, bf16 activations) quarters them. On a CPU they are packed once into
-  oneDNN's blocked layout, where a one-row bf16 matmul runs about 2.6x faster than bf16
-  `F.linear` on the same weights;
+  scale per output row, bf16 activations) quarters them, and a decode step's int8 matmuls,
+  head included, run a C kernel (kernels.int8_linear) that reads each weight once for all
+  rows; the token embedding reads int8 rows too (the head's own, when tied). On a CPU fp32
+  and bf16 weights are packed once into oneDNN's blocked layout, where a one-row bf16 matmul
+  runs about 2.6x faster than bf16 `F.linear` on the same weights;
 - fewer calls: q, k and v are one matmul, as are SwiGLU's gate and up projections; the MLP's
-  activation and both residual adds run inside the matmuls (oneDNN post-ops); positions, rotary
+  activation and both residual adds run inside the matmuls (oneDNN post-ops, or the int8
+  kernel, which also applies SwiGLU to its interleaved gate and up rows); positions, rotary
   cos/sin and the attention mask are computed once per step, not per layer; q and k are normed
   and rotated together;
 - on a CPU with bf16 or int8 weights, the KV cache is bf16 (half the bytes of fp32, which at
@@ -97,20 +100,17 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> torch.dtype:
     """None = the model's own dtype. 'auto' = the fastest of those that measured lossless
-    (docs/inference.md): on a CPU with native bf16, int8 or bf16 weights, whichever ran a
-    decode step's matmuls of this model's shapes faster here (measured once per machine and
-    shape, `auto_cpu_dtype`); bf16 on a GPU; else fp32."""
+    (docs/inference.md): bf16 on a GPU; on a CPU the weights `auto_cpu_dtype` measured
+    fastest here for this model's shapes (fp32, int8, or bf16 where it is native)."""
     device = next(model.parameters()).device
     if dtype is None:
         return next(model.parameters()).dtype
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if not native_bf16(device):
-            return torch.float32
         if device.type != "cpu":
-            return torch.bfloat16
-        return auto_cpu_dtype(model.config) if isinstance(model, GPT) else torch.int8
+            return torch.bfloat16 if native_bf16(device) else torch.float32
+        return auto_cpu_dtype(model.config) if isinstance(model, GPT) else torch.float32
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto, fp32, bf16, fp16 or int8")
     if DTYPES[dtype] == torch.int8 and device.type != "cpu":
@@ -118,37 +118,80 @@ def resolve_dtype(dtype: str | torch.dtype | None, model: nn.Module) -> torch.dt
     return DTYPES[dtype]
 
 
-AUTO_FILE = "auto-dtype.json"  # in kernels.cache_root(): {machine and shape key: "int8" | "bf16"}
+AUTO_FILE = "auto-dtype.json"  # in kernels.cache_root(): {machine and shape key: measurement}
+AUTO_BATCHES = (1, 8)  # the decode batches `auto` measures: one chat, and a busy server
 
 
-def auto_cpu_dtype(c: GPTConfig) -> torch.dtype:
-    """int8 or bf16, whichever `race_int8_bf16` finds faster for models of `c`'s shapes on
-    this CPU; measured once (about a second) and cached per machine, torch version and shape.
-    Which wins is not a CPU flag: int8 reads half the bytes, but PyTorch's int8 kernel
-    computes slower than oneDNN's bf16 one, which on a CPU with AMX is fast enough that bf16
-    won on a 135M model (issue 13) while int8 won on 12M models elsewhere."""
+def _auto_key(c: GPTConfig) -> str:
+    return hashlib.sha256("|".join(map(str, (
+        "race on 1 thread", torch.__version__, kernels.cpu_id(), kernels.available(),
+        c.d_model, c.hidden, c.kv_heads * c.head_dim, c.mlp, c.n_layer,
+        c.vocab_size))).encode()).hexdigest()[:16]
+
+
+def auto_plan(c: GPTConfig) -> dict:
+    """What `race` measured for models of `c`'s shapes on this CPU, once per machine, torch
+    version and shape (a few seconds), cached in $TINYLM_CACHE/auto-dtype.json:
+    {"seconds": {dtype: [seconds at each of AUTO_BATCHES]}, "by_batch": {batch: fastest}}."""
     path = kernels.cache_root() / AUTO_FILE
-    key = hashlib.sha256("|".join(map(str, (
-        torch.__version__, kernels.cpu_id(), c.d_model, c.hidden, c.kv_heads * c.head_dim,
-        c.mlp, c.n_layer, c.vocab_size))).encode()).hexdigest()[:16]
+    key = _auto_key(c)
     try:
         table = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         table = {}
-    if table.get(key) not in ("int8", "bf16"):
-        table[key] = race_int8_bf16(c)
+    plan = table.get(key)
+    if not (isinstance(plan, dict) and set(plan.get("by_batch", {}).values()) <= set(DTYPES)
+            and plan.get("by_batch")):
+        seconds = race(c)
+        plan = table[key] = {"seconds": seconds, "by_batch": {
+            str(b): min(seconds, key=lambda d: seconds[d][i]) for i, b in
+            enumerate(AUTO_BATCHES)}}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(table, indent=2))
         except OSError:
             pass  # a read-only cache: measured again next time, never wrong
-    return torch.int8 if table[key] == "int8" else torch.bfloat16
+    return plan
 
 
-def race_int8_bf16(c: GPTConfig, repeats: int = 5) -> str:
-    """'int8' or 'bf16': which weights run one row through the matmuls of `c`'s decode step
-    faster (random weights of its shapes; the best of `repeats` passes). Enough layers to
-    hold at least 64 MB in bf16, as a real model's weights are, out of the CPU's caches."""
+def auto_cpu_dtype(c: GPTConfig) -> torch.dtype:
+    """The weights to keep for `auto` on this CPU. Which is fastest is measured, not read off a
+    CPU flag: int8 reads a quarter of fp32's bytes but must be widened before it is multiplied;
+    bf16 is fast only where it is native (AVX512-BF16, AMX: it beat int8 there on a 135M model,
+    issue 13), and emulated, many times slower, elsewhere.
+
+    The engine's batch changes under continuous batching, so `race` times each candidate at
+    batch 1 and at batch 8. One copy of the weights is kept, so memory stays bounded: if int8
+    is fastest at either batch it is int8, whose `Linear` then runs each batch on what is
+    fastest for it (the int8 kernel up to `Linear.INT8_MAX_ROWS` rows, the wide path, bf16
+    where native, above: at most int8 + bf16, 1.5 bytes per weight); otherwise the dtype that
+    won at batch 1, a chat's, where a step's latency is felt the most."""
+    by_batch = auto_plan(c)["by_batch"]
+    names = [by_batch[str(b)] for b in AUTO_BATCHES]
+    return DTYPES["int8" if "int8" in names else names[0]]
+
+
+def race(c: GPTConfig, repeats: int = 3) -> dict[str, list[float]]:
+    """Seconds (the best of `repeats`) for one decode step's matmuls of `c`'s shapes, head
+    included, at each of AUTO_BATCHES rows, for each candidate dtype here: fp32, int8, and bf16
+    where it is native. Random weights of those shapes, enough layers to hold at least 64 MB in
+    bf16 (out of the CPU's caches, as a real model's weights are), scaled to all n_layer
+    layers; the candidates run in turns, so that a burst of load slows them alike.
+
+    On one thread: with two on a loaded machine (seven processes on two cores, issue 13) a
+    step took 4 s instead of 0.1, every OpenMP barrier waiting for a descheduled thread, and
+    the scheduler, not the kernels, decided the race. One thread keeps the comparison of
+    bytes read and instructions per weight; more threads share the bandwidth, which favours
+    the dtype reading fewer bytes further still."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _race(c, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _race(c: GPTConfig, repeats: int) -> dict[str, list[float]]:
     C, kv = c.d_model, c.kv_heads * c.head_dim
     up = 2 * c.hidden if c.mlp == "swiglu" else c.hidden
     shapes = [(C + 2 * kv, C), (C, C), (up, C), (C, c.hidden)]
@@ -156,18 +199,26 @@ def race_int8_bf16(c: GPTConfig, repeats: int = 5) -> str:
     layers = max(1, min(c.n_layer, (32 << 20) // per_layer + 1))
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes * layers]
-    weights.append(torch.randn(c.vocab_size, C, generator=gen) * 0.02)  # the head
-    inputs = {n: torch.randn(1, n, generator=gen).bfloat16() for n in (C, c.hidden)}
-    best = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("int8", torch.int8)):
-        linears = [Linear(w, None, dtype) for w in weights]
-        best[name] = float("inf")
+    head = torch.randn(c.vocab_size, C, generator=gen) * 0.02
+    names = ["fp32", "int8"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
+    nets = {n: ([Linear(w, None, DTYPES[n]) for w in weights], Linear(head, None, DTYPES[n]))
+            for n in names}
+    best = {n: [float("inf")] * len(AUTO_BATCHES) for n in names}
+    for i, B in enumerate(AUTO_BATCHES):
+        inputs = {k: torch.randn(B, k, generator=gen) for k in (C, c.hidden)}
         for _ in range(repeats):
-            t = time.perf_counter()
-            for lin, w in zip(linears, weights):
-                lin(inputs[w.shape[1]])
-            best[name] = min(best[name], time.perf_counter() - t)
-    return min(best, key=best.get)
+            for n, (linears, head_linear) in nets.items():
+                act = {k: x.to(torch.float32 if n == "fp32" else torch.bfloat16)
+                       for k, x in inputs.items()}
+                t = time.perf_counter()
+                for lin, w in zip(linears, weights):
+                    lin(act[w.shape[1]])
+                layer_time = time.perf_counter() - t
+                t = time.perf_counter()
+                head_linear(act[C])
+                total = layer_time * c.n_layer / layers + time.perf_counter() - t
+                best[n][i] = min(best[n][i], total)
+    return best
 
 
 # Packing into oneDNN's layout is used when it is there; PACK = False forces plain F.linear
@@ -190,38 +241,83 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 (N, K) and fp32 scales (N,) with w ~ q * scale[:, None]: one scale per row, its
+    absmax / 127 (so every row uses the whole int8 range)."""
+    w = w.detach().float()
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
+    return (w / scale[:, None]).round().to(torch.int8).contiguous(), scale.contiguous()
+
+
 class Linear:
     """y = x @ weight.T + bias [, activation] [+ residual], with the weight stored the way the
     matmul library runs it fastest.
 
     dtype int8 keeps the weight as int8 with one scale per output row (absmax / 127), and the
-    activations in bf16. PyTorch's int8 kernel reads a quarter of fp32's bytes, but does not
-    reuse them across rows: from about 5 rows (a batch, a prompt) the same int8 weights,
-    widened once to bf16, run faster."""
+    activations in bf16. Up to `max_rows` rows (a decode step: `INT8_MAX_ROWS`, or what
+    `auto` measured here) run the C kernel (kernels.int8_linear), which reads each int8 weight
+    once, widens it in registers and multiplies it into every row. More rows (a prompt) run
+    the "wide" path, where the matmul library's blocking pays: where bf16 is native, a packed
+    bf16 copy kept beside the int8 one; elsewhere the int8 weights widened to fp32 for that
+    one call and dropped (about a millisecond per layer, next to a prompt's tens), so that no
+    second copy is kept. Without the C kernel, PyTorch's own int8 kernel takes the rows."""
 
-    INT8_MAX_ROWS = 4
+    INT8_MAX_ROWS = 16  # measured on a 2-core AVX2 EPYC: the C kernel wins up to ~16 rows
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.int8 = None
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 max_rows: int | None = None, glu: bool = False):
+        """glu: weight is SwiGLU's [gate; up] (2 hidden, K), and act="swiglu" returns
+        silu(gate) * up; the C kernel holds the two interleaved, row by row, and computes it
+        in registers."""
+        self.int8 = self.c_int8 = self.c_glu = self.c_glu_bias = None
+        self.max_rows = self.INT8_MAX_ROWS if max_rows is None else max_rows
         w = weight.detach()
-        # PyTorch's int8 kernel reads wrong bytes (or crashes) unless in_features is a
-        # multiple of 16 (measured on 2.13): other widths keep only the bf16 form.
-        if dtype == torch.int8 and w.shape[1] % 16 == 0:
-            scale = w.float().abs().amax(1).clamp(min=1e-12) / 127  # (N,)
-            q = (w.float() / scale[:, None]).round().to(torch.int8).contiguous()
-            self.int8 = (q, scale.to(torch.bfloat16))
-            w = q.float() * scale[:, None]
+        self.bias32 = None if bias is None else bias.detach().float().contiguous()
         if dtype == torch.int8:
+            q, scale = quantize_rows(w)  # (N, K), (N,)
+            w = q.float() * scale[:, None]
             dtype = torch.bfloat16
-        w = w.to(dtype).contiguous()
+            if w.device.type == "cpu" and kernels.available():
+                self.c_int8 = (q, scale)
+                if glu:  # (2, hidden, K) -> (hidden, 2, K): gate i then up i
+                    N, K = q.shape
+                    self.c_glu = (q.view(2, N // 2, K).transpose(0, 1).reshape(N, K),
+                                  scale.view(2, N // 2).T.reshape(N))
+                    b = self.bias32
+                    self.c_glu_bias = None if b is None else b.view(2, -1).T.reshape(N)
+                    self.c_int8 = None  # one int8 copy: the interleaved one
+            # PyTorch's int8 kernel reads wrong bytes (or crashes) unless in_features is a
+            # multiple of 16 (measured on 2.13): other widths keep only the bf16 form.
+            elif w.shape[1] % 16 == 0:
+                self.int8 = (q, scale.to(torch.bfloat16))
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.packed = _can_pack(w)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w) if self.packed else w
+        self.weight, self.packed = None, False
+        c_form = self.c_int8 is not None or self.c_glu is not None
+        if not c_form or native_bf16(w.device):  # the wide path keeps its own copy
+            w = w.to(dtype).contiguous()
+            self.packed = _can_pack(w)
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(w) if self.packed else w
 
     def __call__(self, x: torch.Tensor, act: str = "none",
                  residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (rows, in_features). `act` and `residual` are never both given."""
-        if self.int8 is not None and x.shape[0] <= self.INT8_MAX_ROWS:
+        rows = x.shape[0]
+        if act == "swiglu" and self.c_glu is not None and rows <= self.max_rows:
+            return kernels.int8_linear(x.contiguous(), *self.c_glu, self.c_glu_bias, glu=True)
+        if act == "swiglu" and self.c_glu is not None and self.weight is None:
+            q, scale = self.c_glu  # the wide path, from the interleaved rows widened for now
+            y = F.linear(x.float(), q.float().mul_(scale[:, None]), self.c_glu_bias)
+            return (F.silu(y[:, 0::2]) * y[:, 1::2]).to(x.dtype)
+        if act == "swiglu":
+            gate, up = self(x).chunk(2, dim=-1)
+            return F.silu(gate) * up
+        if self.c_int8 is not None and (rows <= self.max_rows or self.weight is None):
+            if rows <= self.max_rows:
+                y = kernels.int8_linear(x.contiguous(), *self.c_int8, self.bias32, residual)
+                return y if act == "none" else _ACTIVATIONS[act](y)
+            q, scale = self.c_int8  # the wide path without a kept copy: widened for this call
+            y = F.linear(x.float(), q.float().mul_(scale[:, None]), self.bias32).to(x.dtype)
+        elif self.int8 is not None and rows <= 4:
             y = torch._weight_int8pack_mm(x, *self.int8)
             if self.bias is not None:
                 y += self.bias
@@ -276,7 +372,18 @@ class FastGPT:
         self.c_norms = cpu and fp32_or_bf16 and kernels.available()
         self.c_attention = self.c_norms and self.dtype == torch.bfloat16
         self.kv_dtype = torch.bfloat16 if self.c_attention else self.attn_dtype
-        self.tok_emb = model.tok_emb.weight.detach().to(self.dtype)
+        self.head = self._linear(model.lm_head.weight, None)
+        # The token embedding takes the head's path: with int8 weights its rows are int8 too
+        # (one scale per row), the head's own tensors when the two are tied, so a tied model
+        # keeps one int8 copy of its largest matrix (49k x 576 in SmolLM2) and not a bf16 one.
+        self.tok_emb = self.emb_int8 = None
+        tied = model.tok_emb.weight is model.lm_head.weight
+        if self.weight_dtype == torch.int8 and self.head.c_int8 is not None and tied:
+            self.emb_int8 = self.head.c_int8
+        elif self.weight_dtype == torch.int8:
+            self.emb_int8 = quantize_rows(model.tok_emb.weight)
+        else:
+            self.tok_emb = model.tok_emb.weight.detach().to(self.dtype)
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach().to(
             self.dtype)
         self.rope = None
@@ -290,7 +397,6 @@ class FastGPT:
             self.rope = cos.to(self.attn_dtype), signed_sin.to(self.attn_dtype)
         self.layers = [self._layer(b) for b in model.blocks]
         self.norm_f = self._norm(model.norm_f)
-        self.head = self._linear(model.lm_head.weight, None)
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         return Linear(weight, bias, self.weight_dtype)
@@ -310,10 +416,10 @@ class FastGPT:
     def _layer(self, block) -> _Layer:
         a, m = block.attn, block.mlp
 
-        def cat(*mods):
+        def cat(*mods, glu=False):
             w = torch.cat([x.weight for x in mods])
             b = None if mods[0].bias is None else torch.cat([x.bias for x in mods])
-            return self._linear(w, b)
+            return Linear(w, b, self.weight_dtype, glu=glu)
 
         qk_norm = qk_heads = None
         if a.q_norm is not None:
@@ -326,7 +432,8 @@ class FastGPT:
             qk_heads=qk_heads,
             qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
             proj=self._linear(a.proj.weight, a.proj.bias), norm2=self._norm(block.norm2),
-            up=cat(m.gate, m.fc) if m.kind == "swiglu" else self._linear(m.fc.weight, m.fc.bias),
+            up=(cat(m.gate, m.fc, glu=True) if m.kind == "swiglu"
+                else self._linear(m.fc.weight, m.fc.bias)),
             down=self._linear(m.proj.weight, m.proj.bias), mlp=m.kind)
 
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
@@ -353,7 +460,7 @@ class FastGPT:
         if kernel:
             start = cache.pad if cache.pad is not None else torch.zeros(B, dtype=torch.long)
             rope = None if rotary is None else tuple(t.view(-1, D) for t in rotary)
-        x = F.embedding(idx.reshape(-1), self.tok_emb)  # (B*T, C)
+        x = self._embed(idx.reshape(-1))  # (B*T, C)
         if self.pos_emb is not None:
             x = x + F.embedding(positions.expand(B, T).reshape(-1), self.pos_emb)
         for i, L in enumerate(self.layers):
@@ -367,6 +474,13 @@ class FastGPT:
             x = self._mlp(L, x)
         cache.advance(T)
         return self.norm_f(x).view(B, T, c.d_model)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (N, C) in the activations' dtype for token ids (N,)."""
+        if self.emb_int8 is None:
+            return F.embedding(ids, self.tok_emb)
+        q, scale = self.emb_int8
+        return (F.embedding(ids, q).float() * scale[ids, None]).to(self.dtype)
 
     def _attention(self, qkv: torch.Tensor, L: _Layer, cache: KVCache, layer: int,
                    rotary: tuple[torch.Tensor, torch.Tensor] | None,
@@ -399,8 +513,7 @@ class FastGPT:
         """x + MLP(norm2(x)), rows (N, C)."""
         h = L.norm2(x)
         if L.mlp == "swiglu":
-            gate, up = L.up(h).chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = L.up(h, act="swiglu")
         elif L.mlp == "relu2":
             h = L.up(h, act="relu").square()
         else:

@@ -173,3 +173,141 @@ void rms_norm(const void *x, void *out, const float *w, int64_t rows, int64_t C,
     }
   }
 }
+
+/* int8_linear: out[r, n] = scale[n] * sum_k x[r, k] w[n, k] (+ bias[n]) (+ res[r, n]), for
+ * rows of x in bf16 or fp32 (out and res in x's dtype), weights int8 with one fp32 scale per
+ * output row. A decode step's matmuls read each weight once from memory: int8 reads a quarter
+ * of fp32's bytes, and PyTorch 2.13's own int8 kernel (_weight_int8pack_mm) takes bf16
+ * activations, which a CPU without native bf16 emulates, and runs one row at a time.
+ * With AVX2, each row of x is rounded to int16 with a scale of its own (absmax / Q: 15 bits,
+ * 250 times finer than bf16's 8) and every 16 weights, widened to int16 once in a register,
+ * are multiplied into up to ROWS rows by one _mm256_madd_epi16 each (16 products summed into
+ * 8 int32 lanes): half the instructions of widening to fp32 and an FMA. Q is kept low enough
+ * that a lane's K / 8 products of at most 127 Q cannot overflow int32. Without AVX2 (or a K not
+ * a multiple of 16) it is a plain fp32 loop. The output rows are split among the threads.
+ * glu: SwiGLU's gate and up projections in one matmul, their rows interleaved (gate row i at
+ * w row 2i, up row i at 2i + 1, so that one thread computes both): out[r, i] = silu(gate) up,
+ * (rows, N / 2), and the (rows, N) projection never leaves the registers.
+ * x: (rows, K) contiguous; w: (N, K) contiguous; out, res: (rows, N) contiguous. */
+#define ROWS 4
+#define OUTS 2
+
+static inline float dot_i8(const int8_t *w, const float *x, int64_t K) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) s += (float)w[k] * x[k];
+  return s;
+}
+
+#ifdef __AVX2__
+#include <immintrin.h>
+
+static inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+/* OUTS weight rows times R (1..ROWS, a constant at each call) int16 rows of x, K a multiple
+ * of 16: integer sums into dst[j][r]. */
+static inline __attribute__((always_inline)) void block_avx2(
+    const int8_t *w, int64_t K, const int16_t *x, const int R, float dst[OUTS][ROWS]) {
+  __m256i acc[OUTS][ROWS];
+  for (int j = 0; j < OUTS; ++j)
+    for (int r = 0; r < ROWS; ++r) acc[j][r] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m256i wv[OUTS];
+    for (int j = 0; j < OUTS; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j * K + k)));
+    for (int r = 0; r < R; ++r) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + r * K + k));
+      for (int j = 0; j < OUTS; ++j)
+        acc[j][r] = _mm256_add_epi32(acc[j][r], _mm256_madd_epi16(wv[j], xv));
+    }
+  }
+  for (int j = 0; j < OUTS; ++j)
+    for (int r = 0; r < R; ++r) dst[j][r] = (float)hsum_i32(acc[j][r]);
+}
+#endif
+
+void int8_linear(const void *x, int64_t rows, int64_t K, const int8_t *w, const float *scale,
+                 int64_t N, const float *bias, const void *res, void *out, int bf16, int glu,
+                 int threads) {
+  /* x widened to fp32 once, and with AVX2 rounded to int16: 8 rows of 1536 are 72 KB */
+  float *xf = malloc((sizeof(float) + sizeof(int16_t)) * rows * K + sizeof(float) * rows);
+  int16_t *xq = (int16_t *)(xf + rows * K);
+  float *xs = (float *)(xq + rows * K); /* per row: what one int16 step of x is worth */
+  for (int64_t e = 0; e < rows * K; ++e)
+    xf[e] = bf16 ? bf16_to_float(((const uint16_t *)x)[e]) : ((const float *)x)[e];
+  int quantized = 0;
+#ifdef __AVX2__
+  quantized = K % 16 == 0;
+  if (quantized) {
+    const double limit = 2147483647.0 / (127.0 * (double)(K / 8 + 1));
+    const float Q = limit < 32767.0 ? (float)limit : 32767.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      float m = 0.f;
+      for (int64_t k = 0; k < K; ++k) m = fabsf(xf[r * K + k]) > m ? fabsf(xf[r * K + k]) : m;
+      xs[r] = m > 0.f ? m / Q : 1.f;
+      const float inv = 1.f / xs[r];
+      for (int64_t k = 0; k < K; ++k) xq[r * K + k] = (int16_t)lrintf(xf[r * K + k] * inv);
+    }
+  }
+#endif
+  const int64_t blocks = (N + OUTS - 1) / OUTS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t n0 = blk * OUTS, outs = N - n0 < OUTS ? N - n0 : OUTS;
+    for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+      const int64_t R = rows - r0 < ROWS ? rows - r0 : ROWS;
+      float sums[OUTS][ROWS];
+      int done = 0;
+#ifdef __AVX2__
+      if (quantized && outs == OUTS) {
+        const int8_t *wb = w + n0 * K;
+        const int16_t *xb = xq + r0 * K;
+        switch (R) {
+          case 1: block_avx2(wb, K, xb, 1, sums); break;
+          case 2: block_avx2(wb, K, xb, 2, sums); break;
+          case 3: block_avx2(wb, K, xb, 3, sums); break;
+          default: block_avx2(wb, K, xb, 4, sums); break;
+        }
+        for (int64_t j = 0; j < OUTS; ++j)
+          for (int64_t r = 0; r < R; ++r) sums[j][r] *= xs[r0 + r];
+        done = 1;
+      }
+#endif
+      if (!done)
+        for (int64_t j = 0; j < outs; ++j)
+          for (int64_t r = 0; r < R; ++r)
+            sums[j][r] = dot_i8(w + (n0 + j) * K, xf + (r0 + r) * K, K);
+      for (int64_t j = 0; j < outs; ++j) {
+        if (glu) { /* outs is 2: the pair (gate, up) of output column n0 / 2 */
+          for (int64_t r = 0; r < R; ++r) {
+            const float g = sums[0][r] * scale[n0] + (bias ? bias[n0] : 0.f);
+            const float u = sums[1][r] * scale[n0 + 1] + (bias ? bias[n0 + 1] : 0.f);
+            const float y = g / (1.f + expf(-g)) * u;
+            const int64_t at = (r0 + r) * (N / 2) + n0 / 2;
+            if (bf16) ((uint16_t *)out)[at] = float_to_bf16(y);
+            else ((float *)out)[at] = y;
+          }
+          break;
+        }
+        const int64_t n = n0 + j;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t at = (r0 + r) * N + n;
+          float y = sums[j][r] * scale[n] + (bias ? bias[n] : 0.f);
+          if (bf16) {
+            if (res) y += bf16_to_float(((const uint16_t *)res)[at]);
+            ((uint16_t *)out)[at] = float_to_bf16(y);
+          } else {
+            if (res) y += ((const float *)res)[at];
+            ((float *)out)[at] = y;
+          }
+        }
+      }
+    }
+  }
+  free(xf);
+}

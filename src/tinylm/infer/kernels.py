@@ -1,5 +1,5 @@
-"""Two small C kernels for CPU inference (kernels.c): one decode step's attention over a bf16
-KV cache, and RMSNorm in one loop.
+"""Three small C kernels for CPU inference (kernels.c): one decode step's attention over a bf16
+KV cache, RMSNorm in one loop, and a matmul of a few rows by int8 weights.
 
 They are compiled with the system's C compiler on first use (about a quarter of a second) into
 $TINYLM_CACHE/kernels (default ~/.cache/tinylm), keyed by the source, the flags and the CPU, and
@@ -75,6 +75,9 @@ def _library() -> ctypes.CDLL | None:
     dll.decode_attention.restype = None
     dll.rms_norm.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     dll.rms_norm.restype = None
+    dll.int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
+                                ctypes.c_int, ctypes.c_int]
+    dll.int8_linear.restype = None
     return dll
 
 
@@ -130,4 +133,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     _library().rms_norm(x.data_ptr(), out.data_ptr(), _ptr(weight),
                         N * G, C, G, x.stride(0), eps, x.dtype == torch.bfloat16,
                         torch.get_num_threads())
+    return out
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                glu: bool = False) -> torch.Tensor:
+    """x (rows, K) bf16 or fp32 times int8 weight (N, K) with fp32 scale (N,) per output row,
+    plus fp32 bias (N,) and residual (rows, N) of x's dtype if given: (rows, N) of x's dtype,
+    computed in fp32. Meant for a few rows (a decode step): each weight is read once. With
+    `glu`, the rows of weight are SwiGLU's gate and up projections interleaved (gate i at 2i,
+    up i at 2i + 1) and the result is silu(gate) * up, (rows, N / 2)."""
+    rows, K = x.shape
+    N = weight.shape[0]
+    assert x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+    assert weight.dtype == torch.int8 and weight.shape[1] == K and weight.is_contiguous()
+    assert scale.shape == (N,) and not (glu and (N % 2 or residual is not None))
+    if residual is not None:
+        assert residual.shape == (rows, N) and residual.dtype == x.dtype
+        residual = residual.contiguous()
+    out = torch.empty(rows, N // 2 if glu else N, dtype=x.dtype)
+    _library().int8_linear(x.data_ptr(), rows, K, weight.data_ptr(), _ptr(scale), N,
+                           _ptr(bias), None if residual is None else residual.data_ptr(),
+                           out.data_ptr(), x.dtype == torch.bfloat16, glu,
+                           torch.get_num_threads())
     return out
