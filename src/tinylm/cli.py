@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tinylm.errors import UserError
-from tinylm.stages import STAGES
+from tinylm.stages import RLHF, STAGES
 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -389,7 +389,7 @@ def cmd_eval_winrate(args: argparse.Namespace) -> None:
 
     result = winrate(args.a, args.b, args.judge, args.prompts, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     seed=args.seed)
+                     seed=args.seed, ref=args.ref, kl_samples=args.kl_samples, also=args.also)
     print(json.dumps(result))
 
 
@@ -431,6 +431,12 @@ def add_feedback_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ref", default=None, help="the reference for A's mean KL (default: the "
+                   "SFT run A was trained from by PPO/DPO, else B)")
+    p.add_argument("--kl-samples", type=int, default=2,
+                   help="answers of A sampled per prompt for the KL (0 = skip)")
+    p.add_argument("--also", action="append", default=[], metavar="JUDGE",
+                   help="score both sides by this judge too, e.g. reward:RUN (repeatable)")
     p.set_defaults(func=cmd_eval_winrate)
 
 
@@ -438,11 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinylm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for stage in STAGES.values():
+    for stage in [*STAGES.values(), RLHF]:
         p = sub.add_parser(stage.name, help=stage.help)
         add_config_args(p, stage.preset)
         for flag, _, text in stage.flags:
-            p.add_argument(flag, help=text)
+            p.add_argument(flag, help=text, type=int if flag in stage.int_flags else None)
         p.set_defaults(func=functools.partial(cmd_stage, stage))
 
     p = sub.add_parser("sample", help="generate text from a trained run")
@@ -451,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     add_sampling_args(p)
     p.add_argument("--dtype", default="auto",
-                   help="weights for generation: auto (int8 on a CPU with native bf16, bf16 on "
-                        "a GPU, else fp32), fp32, bf16 or int8 (default: auto)")
+                   help="weights for generation: auto (the fastest measured on this CPU: fp32, "
+                        "int8, or bf16 where native; bf16 on a GPU), fp32, bf16 or int8 "
+                        "(default: auto)")
     p.add_argument("--explain", type=int, nargs="?", const=5, default=0, metavar="K",
                    help="show each token's probability and its K runners-up (default 5)")
     p.set_defaults(func=cmd_sample)

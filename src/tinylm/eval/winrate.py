@@ -9,22 +9,36 @@ a guideline labeler (`request`, `sentiment`, `textblob`: feedback/labelers.py) o
 reward model (`reward:RUN`, its raw score at the end-of-answer token). A's answer wins when
 its score is higher; scores equal at the labeler's resolution are ties. Reported: win, tie
 and loss counts, the win rate (ties count half), mean judge score and mean length in words of
-each side.
+each side, the same for any further judges (`also`: e.g. the reward model beside the gold
+labeler, or TextBlob beside VADER), and the mean KL of A to a reference.
+
+KL to the reference: A samples `kl_samples` answers to every prompt at temperature 1 (the
+policy's own distribution: greedy answers are not samples of it), and for each the summed
+log pi_A(y) - log pi_ref(y) over the answer's tokens (its end token included) is the k1
+estimate of KL(pi_A || pi_ref) for that answer; the mean over answers is reported, in nats
+per answer, as train/ppo.py's `eval/kl` is. Both sides are scored by one forward pass over the
+exact sampled token ids with `feedback.preferences.sequence_logprobs` (the numerics DPO uses),
+so a run against itself is exactly 0, and re-tokenising the text cannot shift it. (train/ppo.py's
+`kl_estimate` lives a layer above eval/; k1 is its plain difference.) The reference defaults to
+the SFT run a PPO or DPO run was trained from (`reference_of`: `init` followed back through
+PPO and DPO runs' config.toml), else B.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 import tinylm
+from tinylm import config as configlib
 from tinylm import rundir
 from tinylm.data import chat
+from tinylm.errors import UserError
 from tinylm.feedback import labelers
 from tinylm.feedback.collect import PromptRow, read_prompts
-from tinylm.feedback.preferences import render_answer
+from tinylm.feedback.preferences import render_answer, sequence_logprobs
 from tinylm.infer.chat import turn_end_ids
 from tinylm.infer.engine import Engine, SamplingParams
 
@@ -77,20 +91,111 @@ def compare(scores_a: list[float], scores_b: list[float], resolution: float) -> 
             "win_rate": (win + 0.5 * (n - win - loss)) / n if n else float("nan")}
 
 
+def is_tuned_run(run: Path) -> bool:
+    """Whether `run` is a PPO or DPO run (trained against a frozen reference), by the keys of
+    its resolved config.toml: PPO's `reward` and `ppo`, DPO's `beta`."""
+    path = run / "config.toml"
+    if not path.is_file():
+        return False
+    cfg = configlib.read_toml(path)
+    return ("ppo" in cfg and "reward" in cfg) or "beta" in cfg
+
+
+def reference_of(run: str | Path, fallback: str | Path) -> str:
+    """The SFT run a PPO/DPO run `run` was trained from: its `ref` (if the stage records
+    one) or `init`, followed back through PPO and DPO runs (a later round starts from the
+    round before); `fallback` when `run` is neither."""
+    path, hops = Path(run), 0
+    while is_tuned_run(path) and hops < 100:
+        cfg = configlib.read_toml(path / "config.toml")
+        nxt = cfg.get("ref") or cfg.get("init")
+        if not nxt:
+            break
+        path, hops = Path(nxt), hops + 1
+    return str(path) if hops else str(fallback)
+
+
+def _padded(rows: list[list[int]], starts: list[int], pad_id: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) for sequence_logprobs: x = seq[:-1] right-padded, y = seq[1:] with -100 on the
+    prompt and the padding, so only answer tokens count."""
+    T = max(len(r) for r in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (N, T)
+    y = torch.full((len(rows), T), -100, dtype=torch.long)  # (N, T)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        x[i, : len(r) - 1] = torch.tensor(r[:-1])
+        y[i, s - 1 : len(r) - 1] = torch.tensor(r[s:])
+    return x, y
+
+
+@torch.no_grad()
+def mean_kl(run: str | Path, ref: str | Path, rows: list[PromptRow], samples: int = 2,
+            max_new_tokens: int = 96, seed: int = 0, batch_size: int = 16,
+            dtype: str | None = "auto") -> float:
+    """Mean over `samples` sampled answers of `run` per prompt of sum_t log pi_run - log
+    pi_ref over the answer's tokens (nats per answer; see the module docstring)."""
+    model, tok = tinylm.load(run, family="gpt")
+    ref_model, ref_tok = tinylm.load(ref, family="gpt")
+    if ref_tok.fingerprint() != tok.fingerprint():
+        raise UserError(f"the reference {ref} has another tokenizer than {run}; give --ref the "
+                        "SFT run the policy was trained from")
+    model.eval()
+    ref_model.eval()
+    template = rundir.chat_template(Path(run), required=True)
+    engine = Engine(model, tok, dtype=dtype)
+    ids = [chat.render(tok, r.messages, template, add_generation_prompt=True).ids for r in rows]
+    stops = turn_end_ids(tok, template)
+    picks = [(i, j) for i in range(len(ids)) for j in range(samples)]
+    params = [SamplingParams(max_new_tokens=max(1, min(max_new_tokens,
+                                                       engine.block_size - len(ids[i]))),
+                             temperature=1.0, seed=seed * 1_000_003 + i * samples + j,
+                             stop_token_ids=stops, truncate=True) for i, j in picks]
+    done = [c for c in engine.generate([ids[i] for i, _ in picks], params) if c.token_ids]
+    kls = []
+    for b in range(0, len(done), batch_size):
+        part = done[b : b + batch_size]
+        seqs = [(list(c.prompt_ids) + list(c.token_ids))[-model.config.block_size - 1:]
+                for c in part]
+        starts = [len(s) - len(c.token_ids) for s, c in zip(seqs, part)]
+        x, y = _padded(seqs, starts, tok.pad_id)
+        kls.append(sequence_logprobs(model, x, y) - sequence_logprobs(ref_model, x, y))  # (n,)
+    return float(torch.cat(kls).mean()) if kls else float("nan")
+
+
+def judged(texts: dict[str, list[str]], rows: list[PromptRow], judge: str) -> dict:
+    """Win/tie/loss and mean scores of sides a and b by one judge."""
+    score, resolution, _ = judge_of(judge)
+    scores = {side: [score(x, r.row) for x, r in zip(got, rows)] for side, got in texts.items()}
+    return {**compare(scores["a"], scores["b"], resolution),
+            "score_a": sum(scores["a"]) / len(rows), "score_b": sum(scores["b"]) / len(rows)}
+
+
 def winrate(a: str | Path, b: str | Path, judge: str = "request",
-            prompts: str | Path = "runs/chat/chat-heldout.jsonl", limit: int = 0,
-            max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 0) -> dict:
-    """Win/tie/loss of run `a` against run `b` by `judge` on `prompts`, with mean scores and
-    lengths. judge: request | sentiment | textblob | reward:RUN."""
-    score, resolution, can_judge = judge_of(judge)
-    rows = read_prompts(prompts, keep=lambda r: can_judge(r.row), limit=limit)
+            prompts: str | Path | list[PromptRow] = "runs/chat/chat-heldout.jsonl",
+            limit: int = 0, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 0,
+            ref: str | Path | None = None, kl_samples: int = 2,
+            also: Sequence[str] = ()) -> dict:
+    """Win/tie/loss of run `a` against run `b` by `judge` on `prompts` (a JSONL path or
+    PromptRows), with mean scores and lengths, the same by every judge in `also`, and the mean
+    KL of `a` to `ref` (default: reference_of(a, b); kl_samples=0 skips it).
+    judge: request | sentiment | textblob | reward:RUN."""
+    _, _, can_judge = judge_of(judge)
+    if isinstance(prompts, list):
+        rows = [r for r in prompts if can_judge(r.row)][: limit or None]
+        if not rows:
+            raise UserError(f"none of the prompts can be judged by {judge!r}")
+    else:
+        rows = read_prompts(prompts, keep=lambda r: can_judge(r.row), limit=limit)
     got = {side: answers(run, rows, max_new_tokens, temperature, seed)
            for side, run in (("a", a), ("b", b))}
-    scores = {side: [score(x, r.row) for x, r in zip(texts, rows)]
-              for side, texts in got.items()}
     out = {"a": str(a), "b": str(b), "judge": judge, "prompts": len(rows),
-           **compare(scores["a"], scores["b"], resolution)}
+           **judged(got, rows, judge)}
     for side in ("a", "b"):
-        out[f"score_{side}"] = sum(scores[side]) / len(rows)
         out[f"length_{side}"] = sum(len(x.split()) for x in got[side]) / len(rows)
+    if also:
+        out["also"] = {j: judged(got, rows, j) for j in also}
+    if kl_samples > 0:
+        out["ref"] = str(ref) if ref else reference_of(a, b)
+        out["kl"] = mean_kl(a, out["ref"], rows, kl_samples, max_new_tokens, seed)
+        out["kl_samples"] = kl_samples * len(rows)
     return out

@@ -24,6 +24,7 @@ class Stage:
     doing: str  # what it prints before it starts: "{doing} into runs/x"
     data_key: str  # the config key that `--data FILE` sets
     flags: tuple[tuple[str, str, str], ...] = ()  # more (--flag, config key, help) pairs
+    int_flags: tuple[str, ...] = ()  # those of `flags` that take a whole number
 
     @property
     def config_cls(self) -> type:
@@ -57,3 +58,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           (("--policy", "init", "the SFT run to improve (the same as --init)"),
            ("--reward", "reward", "the reward-model run (tinylm reward) that scores answers"))),
 ]}
+
+# Rounds of RLHF (stages/rlhf.py) take the same CLI shape (--config, --set, --out, --resume,
+# --init) but are a loop over the stages above, writing a folder of run dirs rather than one
+# model: kept out of STAGES, which lists the stages that each train one model.
+RLHF = Stage("rlhf", "tinylm.stages.rlhf", "RLHFConfig", "rlhf-request",
+             "RLHF in rounds: sample, rank, reward model, PPO or DPO, evaluate (--rounds N)",
+             "RLHF rounds", "data.prompts",
+             (("--rounds", "rounds", "rounds in all (with --resume: the total to reach)"),),
+             int_flags=("--rounds",))
