@@ -53,7 +53,7 @@ def test_an_imported_template_masks_its_assistant_turns():
     convo = [{"role": "user", "content": "Mia"}, {"role": "assistant", "content": "red kite"}]
     out = render(tok, convo, CHATML)
     masked = tok.decode([i for i, m in zip(out.ids, out.mask) if m])
-    assert masked == "red kite<|im_end|>\n"
+    assert masked == "red kite<|im_end|>"  # not the newline ChatML writes after it
     assert render_text(convo, CHATML).startswith("<|im_start|>user\nMia<|im_end|>")
     assert render_text(convo) == "<|user|>Mia<|end|><|assistant|>red kite<|end|>"
     assert TEMPLATE != CHATML

@@ -4,7 +4,8 @@ A conversation is a list of messages `{"role": "system" | "user" | "assistant", 
 one JSONL line `{"messages": [...]}` per conversation: the format OpenAI and TRL use.
 
 `render(tok, messages, template)` turns a conversation into token ids and a loss mask that is
-1 exactly on the assistant's tokens (each assistant turn's content and its end token) and 0
+1 exactly on the assistant's tokens (each assistant turn's content and its end token, e.g.
+ChatML's `<|im_end|>` but not the newline the template writes after it) and 0
 elsewhere. SFT, chat, the server, the reward model and PPO all render through it. A template
 is a Jinja chat template, the Hugging Face convention, so a run's template travels into
 `export-hf` and `AutoTokenizer.apply_chat_template` gives the same ids. tinylm's own runs use
@@ -124,8 +125,22 @@ def render(tok: Tokenizer, messages: list[dict], template: str = TEMPLATE,
         if ids[: len(before)] != before or ids[: len(through)] != through:
             raise UserError("the chat template does not render a conversation's start as the "
                             "start of its ids; the assistant's tokens cannot be found")
-        mask[len(before) : len(through)] = [1] * (len(through) - len(before))
+        end = len(through) - separator_tail(tok, through[len(before):])
+        mask[len(before) : end] = [1] * (end - len(before))
     return Rendered(ids, mask)
+
+
+def separator_tail(tok: Tokenizer, turn: list[int]) -> int:
+    """How many of an assistant turn's last tokens come after its closing special token and
+    are only whitespace: ChatML's newline after <|im_end|>. That is the template's separator
+    before the next turn, not something the assistant says (a chat stops at <|im_end|> and
+    never generates it), so it is kept out of the mask. 0 where the turn ends in its special
+    token (tinylm's <|end|>, Llama 3's <|eot_id|>) or has none."""
+    for k in range(len(turn) - 1, -1, -1):
+        if tok.decode([turn[k]], skip_special=True) == "":  # a special token
+            tail = turn[k + 1 :]
+            return len(tail) if not tok.decode(tail).strip() else 0
+    return 0
 
 
 class ChatData:
