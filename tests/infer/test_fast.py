@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -141,6 +142,8 @@ def test_int8_logits_are_close_to_fp32_on_every_path(name, c_kernel, monkeypatch
         pytest.skip("no C compiler here")
     if not c_kernel:
         monkeypatch.setattr(kernels, "available", lambda: False)
+    # 16 rows on the kernel, whatever this machine measured: 30 prompt rows go wide, 3 not
+    monkeypatch.setattr(fast, "int8_max_rows", lambda c: dict.fromkeys(fast.ROLES, 16))
     torch.manual_seed(0)
     model = GPT(CONFIGS[name]).eval()
     int8 = FastGPT(model, torch.int8)
@@ -298,3 +301,70 @@ def test_the_race_runs_the_models_shapes_for_each_candidate():
     assert {"fp32", "int8"} <= set(seconds) and all(
         len(v) == len(fast.AUTO_BATCHES) and min(v) > 0 for v in seconds.values())
     assert ("bf16" in seconds) == native_bf16(torch.device("cpu"))
+
+
+def test_crossing_is_where_the_kernel_starts_to_lose():
+    """The crossover is read off the two paths' times: the kernel's lead at the last row count
+    it won and its loss at the next are interpolated; never losing gives the largest count,
+    losing at once gives 0 (every row on the wide path)."""
+    rows = (1, 2, 4, 8, 16, 32)
+    wide = [10.0] * 6
+    assert fast.crossing(rows, [1, 2, 4, 8, 16, 32], wide) == 10  # the lines meet at 10
+    assert fast.crossing(rows, [1, 2, 4, 9.9, 10.1, 20], wide) == 12  # halfway to 16
+    assert fast.crossing(rows, [1.0] * 6, wide) == 32
+    assert fast.crossing(rows, [11.0] * 6, wide) == 0
+
+
+def test_int8_linears_run_the_crossover_measured_for_their_shape(monkeypatch, tmp_path):
+    """FastGPT's int8 matmuls each take the crossover measured for their role, once per
+    machine and shape: an explicit int8 run measures only the crossover, `auto` adds its race
+    to the same cache entry without measuring the crossover again."""
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
+    measured = []
+    rows = dict(zip(fast.ROLES, (3, 5, 7, 9, 11)))
+
+    def crossover(c):
+        measured.append(c.d_model)
+        return dict(rows)
+
+    monkeypatch.setattr(fast, "crossover", crossover)
+    monkeypatch.setattr(fast, "race", lambda c: {"fp32": [1.0, 1.0], "int8": [2.0, 0.5]})
+    torch.manual_seed(0)
+    model = GPT(CONFIGS["qwen3-like"]).eval()
+    net = FastGPT(model, torch.int8)
+    got = {role: getattr(net.layers[0], role).max_rows for role in ("qkv", "proj", "up", "down")}
+    assert got | {"head": net.head.max_rows} == rows and measured == [128]
+    assert fast.resolve_dtype("auto", model) == torch.int8 and measured == [128]
+    assert fast.auto_plan(model.config)["int8_max_rows"] == rows
+    x = torch.randn(12, 128).to(torch.bfloat16)
+    calls = []
+    real = kernels.int8_linear
+    monkeypatch.setattr(kernels, "int8_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = net.layers[0]
+    layer.qkv(x), layer.proj(x), net.head(x)  # 3, 5, 11 < 12: all wide
+    assert calls == []
+    net.head(x[:11])  # 11 rows: the head's kernel
+    assert calls == [1]
+
+
+def test_crossover_is_measured_on_the_models_shapes(monkeypatch):
+    """On a tiny model the measured crossovers are row counts within CROSSOVER_ROWS' range;
+    a C kernel made slower than any matmul loses at every count, so every role gets 0."""
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    c = GPTConfig(**SMALL | {"n_head": 4}, mlp="swiglu", n_kv_head=2)
+    rows = fast.crossover(c, repeats=1)
+    assert set(rows) == set(fast.ROLES)
+    assert all(0 <= v <= fast.CROSSOVER_ROWS[-1] for v in rows.values())
+    real = kernels.int8_linear
+
+    def slow(*args, **kwargs):
+        time.sleep(0.002)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "int8_linear", slow)
+    monkeypatch.setattr(fast, "CROSSOVER_ROWS", (1, 4))
+    monkeypatch.setattr(fast, "CROSSOVER_MACS", 1)  # one call per timing
+    assert fast.crossover(c, repeats=1) == dict.fromkeys(fast.ROLES, 0)

@@ -1100,7 +1100,10 @@ class _Batch:
         device = net.device
         pad = [T - len(p) for p in prompts]
         ids = torch.tensor([[0] * k + list(p) for k, p in zip(pad, prompts)], device=device)
-        cache = net.new_cache(len(prompts), T, pad=torch.tensor(pad, device=device))
+        # No padding (one prompt, or prompts of one length): no pad tensor, so that FastGPT
+        # runs plain causal attention rather than a masked one (its math path, ~2 ms a prompt).
+        cache = net.new_cache(len(prompts), T, pad=torch.tensor(pad, device=device)
+                              if any(pad) else None)
         h = net.hidden_states(ids, cache)  # (P, T, C)
         logits = net.logits(h[:, -1:])[:, -1]  # (P, V): the last position only
         src = [which[tuple(r.prompt)] for r in new]

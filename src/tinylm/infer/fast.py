@@ -124,15 +124,16 @@ AUTO_BATCHES = (1, 8)  # the decode batches `auto` measures: one chat, and a bus
 
 def _auto_key(c: GPTConfig) -> str:
     return hashlib.sha256("|".join(map(str, (
-        "race on 1 thread", torch.__version__, kernels.cpu_id(), kernels.available(),
+        "race on 1 thread, wide path scaled after", torch.__version__, kernels.cpu_id(),
+        kernels.available(),
         c.d_model, c.hidden, c.kv_heads * c.head_dim, c.mlp, c.n_layer,
         c.vocab_size))).encode()).hexdigest()[:16]
 
 
-def auto_plan(c: GPTConfig) -> dict:
-    """What `race` measured for models of `c`'s shapes on this CPU, once per machine, torch
-    version and shape (a few seconds), cached in $TINYLM_CACHE/auto-dtype.json:
-    {"seconds": {dtype: [seconds at each of AUTO_BATCHES]}, "by_batch": {batch: fastest}}."""
+def _plan(c: GPTConfig, race_dtypes: bool) -> dict:
+    """The cache entry for `c`'s shapes on this machine (see auto_plan), with the dtype race
+    run if `race_dtypes` and not cached yet, and the int8 crossover measured if not cached:
+    an explicit int8 run needs only the crossover, which takes a fraction of the race."""
     path = kernels.cache_root() / AUTO_FILE
     key = _auto_key(c)
     try:
@@ -140,18 +141,42 @@ def auto_plan(c: GPTConfig) -> dict:
     except (OSError, json.JSONDecodeError):
         table = {}
     plan = table.get(key)
-    if not (isinstance(plan, dict) and set(plan.get("by_batch", {}).values()) <= set(DTYPES)
-            and plan.get("by_batch")):
+    plan = dict(plan) if isinstance(plan, dict) else {}
+    changed = False
+    if race_dtypes and not (set(plan.get("by_batch", {}).values()) <= set(DTYPES)
+                            and plan.get("by_batch")):
         seconds = race(c)
-        plan = table[key] = {"seconds": seconds, "by_batch": {
+        plan.update(seconds=seconds, by_batch={
             str(b): min(seconds, key=lambda d: seconds[d][i]) for i, b in
-            enumerate(AUTO_BATCHES)}}
+            enumerate(AUTO_BATCHES)})
+        changed = True
+    rows = plan.get("int8_max_rows")
+    if not (isinstance(rows, dict) and set(rows) == set(ROLES)
+            and all(isinstance(v, int) and v >= 0 for v in rows.values())):
+        plan["int8_max_rows"] = crossover(c)
+        changed = True
+    if changed:
+        table[key] = plan
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(table, indent=2))
         except OSError:
             pass  # a read-only cache: measured again next time, never wrong
     return plan
+
+
+def auto_plan(c: GPTConfig) -> dict:
+    """What `race` and `crossover` measured for models of `c`'s shapes on this CPU, once per
+    machine, torch version and shape (a few seconds), cached in $TINYLM_CACHE/auto-dtype.json:
+    {"seconds": {dtype: [seconds at each of AUTO_BATCHES]}, "by_batch": {batch: fastest},
+    "int8_max_rows": {role: the most rows the int8 C kernel takes for that matmul}}."""
+    return _plan(c, race_dtypes=True)
+
+
+def int8_max_rows(c: GPTConfig) -> dict[str, int]:
+    """For int8 weights of `c`'s shapes on this CPU: per matmul role (ROLES), the most rows
+    for which the C kernel beat the wide path (`crossover`), cached with `auto_plan`."""
+    return _plan(c, race_dtypes=False)["int8_max_rows"]
 
 
 def auto_cpu_dtype(c: GPTConfig) -> torch.dtype:
@@ -163,7 +188,7 @@ def auto_cpu_dtype(c: GPTConfig) -> torch.dtype:
     The engine's batch changes under continuous batching, so `race` times each candidate at
     batch 1 and at batch 8. One copy of the weights is kept, so memory stays bounded: if int8
     is fastest at either batch it is int8, whose `Linear` then runs each batch on what is
-    fastest for it (the int8 kernel up to `Linear.INT8_MAX_ROWS` rows, the wide path, bf16
+    fastest for it (the int8 kernel up to the rows `crossover` measured, the wide path, bf16
     where native, above: at most int8 + bf16, 1.5 bytes per weight); otherwise the dtype that
     won at batch 1, a chat's, where a step's latency is felt the most."""
     by_batch = auto_plan(c)["by_batch"]
@@ -221,6 +246,85 @@ def _race(c: GPTConfig, repeats: int) -> dict[str, list[float]]:
     return best
 
 
+ROLES = ("qkv", "proj", "up", "down", "head")  # a model's matmuls, as FastGPT names them
+CROSSOVER_ROWS = (1, 2, 4, 8, 16, 32)  # the row counts `crossover` times both int8 paths at
+CROSSOVER_MACS = 4 << 20  # multiply-adds per timing: calls are repeated up to this many
+
+
+def _role_shapes(c: GPTConfig) -> dict[str, tuple[tuple[int, int], bool]]:
+    """Each role's (out, in) weight shape, and whether it is SwiGLU's fused [gate; up]."""
+    C, kv = c.d_model, c.kv_heads * c.head_dim
+    glu = c.mlp == "swiglu"
+    return {"qkv": ((C + 2 * kv, C), False), "proj": ((C, C), False),
+            "up": ((2 * c.hidden if glu else c.hidden, C), glu),
+            "down": ((C, c.hidden), False), "head": ((c.vocab_size, C), False)}
+
+
+def crossing(rows: tuple[int, ...], kernel: list[float], wide: list[float]) -> int:
+    """The most rows for which the C kernel is expected to beat the wide path, from their
+    seconds at each of `rows` (ascending): the last row count before the kernel first loses,
+    moved towards the next one where the two lines (times are about linear in rows between
+    neighbouring counts) cross; 0 if the kernel loses at rows[0], rows[-1] if it never
+    loses (more rows than that are a prompt, which the wide path's blocking is made for)."""
+    for i, (k, w) in enumerate(zip(kernel, wide)):
+        if k > w:
+            if i == 0:
+                return 0
+            lead, loss = wide[i - 1] - kernel[i - 1], k - w  # both >= 0
+            return int(rows[i - 1] + (rows[i] - rows[i - 1]) * lead / (lead + loss))
+    return rows[-1]
+
+
+def crossover(c: GPTConfig, repeats: int = 3) -> dict[str, int]:
+    """Per role (ROLES), the most rows for which the int8 C kernel beats the wide path (a
+    packed bf16 copy where bf16 is native, else the int8 weights widened to fp32 per call) on
+    this CPU, timed at CROSSOVER_ROWS on random weights of `c`'s shapes, one thread as in
+    `race`, the best of `repeats`. The kernel reads each weight once per call but its
+    multiply-adds are not blocked for many rows; the wide path pays a widening per call (or
+    reads bf16) but blocks: which wins at 15 rows (a short prompt) depends on the shape and
+    the CPU, so it is measured. One role's weights at a time (one int8 copy, freed after),
+    each call repeated to CROSSOVER_MACS multiply-adds (4M, at most 64 calls) so that small
+    shapes time above the clock's noise; a path timing over 20 ms is timed once, and the counts
+    past the first the kernel lost are not timed (SmolLM2-sized shapes: 5.5 s before those
+    two cuts, 2.8 s after; a 5M model: 0.3 s). Without the C kernel there is nothing to choose:
+    every role gets 0."""
+    if not kernels.available():
+        return dict.fromkeys(ROLES, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {role: _crossover(shape, glu, repeats)
+                for role, (shape, glu) in _role_shapes(c).items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _crossover(shape: tuple[int, int], glu: bool, repeats: int) -> int:
+    gen = torch.Generator().manual_seed(0)
+    lin = Linear(torch.randn(shape, generator=gen) * 0.02, None, torch.int8, glu=glu)
+    act = "swiglu" if glu else "none"
+    times: dict[int, list[float]] = {limit: [] for limit in (CROSSOVER_ROWS[-1], 0)}
+    for R in CROSSOVER_ROWS:
+        x = torch.randn(R, shape[1], generator=gen).to(torch.bfloat16)
+        best = dict.fromkeys(times, float("inf"))
+        calls = max(1, min(64, CROSSOVER_MACS // (shape[0] * shape[1] * R)))
+        for _ in range(repeats):
+            for limit in times:  # in turns, so that a burst of load slows both alike
+                lin.max_rows = limit  # the whole range on the kernel, or none of it
+                t = time.perf_counter()
+                for _ in range(calls):
+                    lin(x, act)
+                best[limit] = min(best[limit], time.perf_counter() - t)
+            if max(best.values()) > 0.02:  # long enough to time once (a large head's)
+                break
+        for limit in times:
+            times[limit].append(best[limit] / calls)
+        if best[CROSSOVER_ROWS[-1]] > best[0]:  # the kernel lost: `crossing` reads no further
+            break
+    kernel, wide = times[CROSSOVER_ROWS[-1]], times[0]
+    return crossing(CROSSOVER_ROWS[: len(kernel)], kernel, wide)
+
+
 # Packing into oneDNN's layout is used when it is there; PACK = False forces plain F.linear
 # (the tests run both).
 PACK = True
@@ -254,15 +358,16 @@ class Linear:
     matmul library runs it fastest.
 
     dtype int8 keeps the weight as int8 with one scale per output row (absmax / 127), and the
-    activations in bf16. Up to `max_rows` rows (a decode step: `INT8_MAX_ROWS`, or what
-    `auto` measured here) run the C kernel (kernels.int8_linear), which reads each int8 weight
-    once, widens it in registers and multiplies it into every row. More rows (a prompt) run
-    the "wide" path, where the matmul library's blocking pays: where bf16 is native, a packed
-    bf16 copy kept beside the int8 one; elsewhere the int8 weights widened to fp32 for that
-    one call and dropped (about a millisecond per layer, next to a prompt's tens), so that no
-    second copy is kept. Without the C kernel, PyTorch's own int8 kernel takes the rows."""
+    activations in bf16. Up to `max_rows` rows (`INT8_MAX_ROWS`, or in FastGPT what
+    `crossover` measured here for this matmul) run the C kernel (kernels.int8_linear),
+    which reads each int8 weight once, widens it in registers and multiplies it into every
+    row. More rows (a prompt) run the "wide" path, where the matmul library's blocking pays:
+    where bf16 is native, a packed bf16 copy kept beside the int8 one; elsewhere the int8
+    weights widened to fp32 for that one call and dropped (about a millisecond per layer,
+    next to a prompt's tens), so that no second copy is kept. Without the C kernel, PyTorch's
+    own int8 kernel takes the rows."""
 
-    INT8_MAX_ROWS = 16  # measured on a 2-core AVX2 EPYC: the C kernel wins up to ~16 rows
+    INT8_MAX_ROWS = 16  # a Linear made alone; FastGPT's take what `crossover` measured
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  max_rows: int | None = None, glu: bool = False):
@@ -306,7 +411,7 @@ class Linear:
             return kernels.int8_linear(x.contiguous(), *self.c_glu, self.c_glu_bias, glu=True)
         if act == "swiglu" and self.c_glu is not None and self.weight is None:
             q, scale = self.c_glu  # the wide path, from the interleaved rows widened for now
-            y = F.linear(x.float(), q.float().mul_(scale[:, None]), self.c_glu_bias)
+            y = _widened(x, q, scale, self.c_glu_bias)
             return (F.silu(y[:, 0::2]) * y[:, 1::2]).to(x.dtype)
         if act == "swiglu":
             gate, up = self(x).chunk(2, dim=-1)
@@ -316,7 +421,7 @@ class Linear:
                 y = kernels.int8_linear(x.contiguous(), *self.c_int8, self.bias32, residual)
                 return y if act == "none" else _ACTIVATIONS[act](y)
             q, scale = self.c_int8  # the wide path without a kept copy: widened for this call
-            y = F.linear(x.float(), q.float().mul_(scale[:, None]), self.bias32).to(x.dtype)
+            y = _widened(x, q, scale, self.bias32).to(x.dtype)
         elif self.int8 is not None and rows <= 4:
             y = torch._weight_int8pack_mm(x, *self.int8)
             if self.bias is not None:
@@ -332,6 +437,15 @@ class Linear:
         if act != "none":
             y = _ACTIVATIONS[act](y)
         return y if residual is None else y.add_(residual)
+
+
+def _widened(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """The wide path without a kept copy: x (rows, K) times int8 q (N, K) widened to fp32 for
+    this call, each output column scaled after the matmul ((rows, N) multiplies) rather than
+    each weight before it ((N, K), the larger pass for a prompt of fewer rows than K)."""
+    y = F.linear(x.float(), q.float()).mul_(scale)  # (rows, N)
+    return y if bias is None else y.add_(bias)
 
 
 @dataclass
@@ -372,7 +486,11 @@ class FastGPT:
         self.c_norms = cpu and fp32_or_bf16 and kernels.available()
         self.c_attention = self.c_norms and self.dtype == torch.bfloat16
         self.kv_dtype = torch.bfloat16 if self.c_attention else self.attn_dtype
-        self.head = self._linear(model.lm_head.weight, None)
+        # int8: each matmul's crossover between the C kernel and the wide path, measured here
+        # once per machine and shape (`crossover`); a 15-token prompt runs on whichever won.
+        self.max_rows = (int8_max_rows(c) if self.weight_dtype == torch.int8 and cpu
+                         and kernels.available() else {})
+        self.head = self._linear(model.lm_head.weight, None, "head")
         # The token embedding takes the head's path: with int8 weights its rows are int8 too
         # (one scale per row), the head's own tensors when the two are tied, so a tied model
         # keeps one int8 copy of its largest matrix (49k x 576 in SmolLM2) and not a bf16 one.
@@ -398,8 +516,9 @@ class FastGPT:
         self.layers = [self._layer(b) for b in model.blocks]
         self.norm_f = self._norm(model.norm_f)
 
-    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        return Linear(weight, bias, self.weight_dtype)
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None, role: str,
+                glu: bool = False) -> Linear:
+        return Linear(weight, bias, self.weight_dtype, self.max_rows.get(role), glu=glu)
 
     def _norm(self, m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """The norm over rows (N, C) of the residual stream."""
@@ -416,10 +535,10 @@ class FastGPT:
     def _layer(self, block) -> _Layer:
         a, m = block.attn, block.mlp
 
-        def cat(*mods, glu=False):
+        def cat(*mods, role, glu=False):
             w = torch.cat([x.weight for x in mods])
             b = None if mods[0].bias is None else torch.cat([x.bias for x in mods])
-            return Linear(w, b, self.weight_dtype, glu=glu)
+            return self._linear(w, b, role, glu=glu)
 
         qk_norm = qk_heads = None
         if a.q_norm is not None:
@@ -428,13 +547,13 @@ class FastGPT:
             H, Hk, D = a.n_head, a.n_kv_head, a.head_dim
             qk_heads = torch.cat([qk_norm[0].expand(H, D), qk_norm[1].expand(Hk, D)])
         return _Layer(
-            norm1=self._norm(block.norm1), qkv=cat(a.q, a.k, a.v), qk_norm=qk_norm,
+            norm1=self._norm(block.norm1), qkv=cat(a.q, a.k, a.v, role="qkv"), qk_norm=qk_norm,
             qk_heads=qk_heads,
             qk_eps=a.q_norm.eps if a.q_norm is not None else 0.0,
-            proj=self._linear(a.proj.weight, a.proj.bias), norm2=self._norm(block.norm2),
-            up=(cat(m.gate, m.fc, glu=True) if m.kind == "swiglu"
-                else self._linear(m.fc.weight, m.fc.bias)),
-            down=self._linear(m.proj.weight, m.proj.bias), mlp=m.kind)
+            proj=self._linear(a.proj.weight, a.proj.bias, "proj"), norm2=self._norm(block.norm2),
+            up=(cat(m.gate, m.fc, role="up", glu=True) if m.kind == "swiglu"
+                else self._linear(m.fc.weight, m.fc.bias, "up")),
+            down=self._linear(m.proj.weight, m.proj.bias, "down"), mlp=m.kind)
 
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         """A cache of `kv_dtype`; with keys in blocks when the C kernel's attention reads it."""
@@ -450,7 +569,11 @@ class FastGPT:
         B, T = idx.shape
         H, Hk, D = c.n_head, c.kv_heads, c.head_dim
         positions = cache.positions(T, idx.device)  # (T,) or (B, T)
-        mask = cache.mask(T, idx.device)
+        # A fresh unpadded cache (a lone prompt's prefill) is plain causal attention: SDPA's
+        # is_causal runs its flash kernel; an explicit mask sends it to the math path, which
+        # on a 15-token prompt took 0.5 ms a layer, most of it checking for fully masked rows.
+        causal = T > 1 and cache.pos == 0 and cache.pad is None
+        mask = None if causal else cache.mask(T, idx.device)
         rotary = None
         if self.rope is not None:  # (B or 1, T, 1, D): broadcast over the q and k heads
             rotary = tuple(t[positions].view(-1, T, 1, D) for t in self.rope)
@@ -469,7 +592,8 @@ class FastGPT:
                 y = kernels.decode_attention(qkv, cache, i, start, L.qk_norm, L.qk_eps, rope,
                                              H)
             else:
-                y = self._attention(qkv.view(B, T, H + 2 * Hk, D), L, cache, i, rotary, mask)
+                y = self._attention(qkv.view(B, T, H + 2 * Hk, D), L, cache, i, rotary, mask,
+                                    causal)
             x = L.proj(y, residual=x)
             x = self._mlp(L, x)
         cache.advance(T)
@@ -484,7 +608,7 @@ class FastGPT:
 
     def _attention(self, qkv: torch.Tensor, L: _Layer, cache: KVCache, layer: int,
                    rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+                   mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
         """Attention with PyTorch's ops, from qkv (B, T, H + 2 Hk, D) (query heads, then key
         heads, then value heads) to rows (B*T, H*D): prompts, and every step where the C kernel
         does not run."""
@@ -504,7 +628,7 @@ class FastGPT:
         k, v = cache.append(layer, k, v.transpose(1, 2))
         # The kernel's cache is bf16: a prompt widens it once for PyTorch's attention.
         k, v = k.to(self.attn_dtype), v.to(self.attn_dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=Hk < H)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B * T, H * D).to(self.dtype)
 
