@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tinylm.cli import main
-from tinylm.feedback import io
-from tinylm.feedback.collect import CollectConfig, collect, read_prompts
+from tinylm.feedback import io, labelers
+from tinylm.feedback.collect import CollectConfig, collect, read_prompts, relabel
 from tinylm.feedback.store import Answer, Comparison, Ranking, Store
 
 from .tiny import story_rows, tiny_chat_run, write_rows
@@ -120,3 +120,20 @@ def test_bad_input_is_a_one_line_error(run, prompts, tmp_path, capsys, error_of)
 def test_read_prompts_takes_turns_before_the_first_answer(prompts):
     rows = read_prompts(prompts)
     assert len(rows) == 6 and rows[0].messages[-1]["role"] == "user"
+
+
+def test_relabel_ranks_the_stored_answers_by_another_labeler_once(run, prompts, tmp_path):
+    db = tmp_path / "fb.db"
+    collect(run, prompts, k=3, labeler="request", db=db,
+            cfg=CollectConfig(max_new_tokens=20, seed=3))
+    assert relabel(db, "sentiment", "request")["rankings"] == 5
+    relabel(db, "sentiment", "request")  # idempotent: the same keys store nothing new
+    store = Store(db)
+    assert store.count(Ranking) == 10 and store.count(Answer) == 15
+    by_request = {rc.comparison_id: rc for rc in store.ranked_comparisons("request")}
+    vader = labelers.get("sentiment")
+    for rc in store.ranked_comparisons("sentiment"):
+        assert rc.labelers == ["sentiment"] and rc.answers == by_request[rc.comparison_id].answers
+        tiers = vader.rank(rc.answers)
+        assert rc.ranks == [next(t for t, tier in enumerate(tiers) if i in tier)
+                            for i in range(3)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -52,6 +53,38 @@ def test_dpo_prefers_the_chosen_answers_of_held_out_prompts(init_run, data, tmp_
     assert result["val_accuracy"] >= 0.8 and result["val_margin"] > 0
     model, _ = tinylm.load(tmp_path / "dpo", family="gpt")  # a plain chat model again
     assert (tmp_path / "dpo" / "chat_template.jinja").is_file()
+
+
+def test_an_explicit_ref_is_the_reference_not_init(init_run, data, tmp_path):
+    """With lr 0 the policy stays at init, so the held-out loss is log 2 against itself and
+    lower against the original run when init is a DPO-trained policy (it prefers the chosen
+    answers more than that run does)."""
+    trained = tmp_path / "dpo"
+    dpo.run(dpo_cfg(init_run, data, trained))
+    frozen = ["train.steps=1", "train.lr=0.0", "train.muon_lr=0.0", "keep_best=false"]
+    alone = dpo.run(dpo_cfg(trained, data, tmp_path / "self", *frozen))
+    against_sft = dpo.run(dpo_cfg(trained, data, tmp_path / "ref", *frozen,
+                                  f"ref='{init_run}'"))
+    assert alone["val_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert against_sft["val_loss"] < math.log(2) - 0.1
+
+
+def test_keep_best_saves_the_evaluation_with_the_lowest_held_out_loss(init_run, data,
+                                                                     tmp_path):
+    out = tmp_path / "dpo"
+    result = dpo.run(dpo_cfg(init_run, data, out, "train.eval_every=5", "train.lr=1e-2",
+                             "train.muon_lr=0.05"))  # a large LR: the loss does not only fall
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(losses) == 6 and result["val_loss"] == min(losses)
+    assert result["best_step"] == 5 * (losses.index(min(losses)) + 1)
+    model, tok = tinylm.load(out, family="gpt")
+    _, held = split_rows(read_rankings(data), 0.25, 0)
+    pairs = PairData(held, tok, rundir.chat_template(out), model.config.block_size)
+    pairs.set_reference(tinylm.load(init_run, family="gpt")[0])
+    with torch.no_grad():  # the saved weights are the best evaluation's
+        assert dpo.dpo_metrics(model, pairs, 4, beta=0.5)["val_loss"] == pytest.approx(
+            min(losses), abs=1e-5)
 
 
 def test_the_cli_runs_dpo(init_run, data, tmp_path, capsys):

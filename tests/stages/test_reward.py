@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import tinylm
 from tinylm import config as configlib
+from tinylm import rundir
 from tinylm.cli import main
 from tinylm.eval.winrate import reward_judge
+from tinylm.feedback.io import read_rankings
+from tinylm.feedback.preferences import RankingData, reward_metrics, split_rows
 from tinylm.models.heads import RewardModel
 from tinylm.stages import reward
 
@@ -80,3 +84,32 @@ def test_reward_bad_input_is_a_one_line_error(init_run, data, tmp_path, capsys, 
     assert "two differently ranked answers" in error_of(base + ["--data", str(tied)], capsys)
     assert "pass --init RUN" in error_of(["reward", "--set", "init=''", "--data", str(data),
                                           "--out", str(tmp_path / "y")], capsys)
+
+
+def test_keep_best_saves_the_best_evaluation_and_freezing_keeps_lower_weights(
+        init_run, data, tmp_path):
+    """The saved weights are those of the evaluation with the highest held-out accuracy (the
+    loop evaluates every 5 steps), not the last step's; frozen blocks keep their SFT weights."""
+    out = tmp_path / "rm"
+    result = reward.run(reward_cfg(init_run, data, out, "train.eval_every=5",
+                                   "freeze_layers=1", "dropout=0.1"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    accs = [r["val_accuracy"] for r in rows if "val_accuracy" in r]
+    assert len(accs) == 8 and result["val_accuracy"] == max(accs)
+    assert result["best_step"] == 5 * (accs.index(max(accs)) + 1)
+    model, tok = tinylm.load(out, family="reward")
+    model.eval()
+    _, held_rows = split_rows(read_rankings(data), 0.25, 0)
+    held = RankingData(held_rows, tok, rundir.chat_template(out), model.config.block_size)
+    with torch.no_grad():  # the saved weights score the held-out pairs as the best eval did
+        assert reward_metrics(model, held, 8)["val_accuracy"] == pytest.approx(max(accs))
+    sft, _ = tinylm.load(init_run, family="gpt")
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(),
+                                                     strict=True))
+
+    assert same(model.backbone.blocks[0], sft.blocks[0])
+    assert same(model.backbone.tok_emb, sft.tok_emb)
+    assert not same(model.backbone.blocks[-1], sft.blocks[-1])
+    assert json.loads((out / "model.json").read_text())["config"]["backbone"]["dropout"] == 0

@@ -83,6 +83,7 @@ def test_two_rounds_are_recorded_with_their_runs_and_numbers(two_rounds):
         assert set(r["seconds"]) == {"collect", "rank", "reward", "policy", "eval", "total"}
     assert rounds[0]["policy_start"].endswith("sft")  # round 1 starts from the SFT run
     assert rounds[1]["policy_start"] == rounds[0]["policy"]  # round 2 from round 1's policy
+    assert all(r["reference"].endswith("sft") for r in rounds)  # the leash stays on SFT
     assert "vs_previous" in rounds[1]["eval"] and rounds[1]["eval"]["vs_sft"]["ref"].endswith(
         "sft")
     table = (out / "rounds.md").read_text().splitlines()

@@ -84,3 +84,13 @@ def build_or_init(model_cfg, model_cls, init: str, tok, seed: int):
                         f"tokenizer's {tok.vocab_size}; leave it at 0")
     torch.manual_seed(seed)
     return model_cls(model_cfg), model_cfg
+
+
+def load_reference(run: str | Path, policy: torch.nn.Module) -> torch.nn.Module:
+    """The frozen reference: a GPT run with the policy's vocabulary (the KL compares their
+    next-token distributions token by token)."""
+    ref = load_model(Path(run), family="gpt")
+    if ref.config.vocab_size != policy.config.vocab_size:
+        raise UserError(f"the reference {run} has {ref.config.vocab_size} tokens, the policy "
+                        f"{policy.config.vocab_size}: use a run of the same tokenizer")
+    return ref

@@ -17,7 +17,10 @@ How it departs from the textbook algorithm (Rafailov et al. 2023) and from TRL's
   DPO's loss is per pair).
 
 Held out by prompt: `val_loss` (the DPO loss), `val_accuracy` (the share of pairs whose
-implicit reward margin is positive: TRL's rewards/accuracies) and `val_margin`.
+implicit reward margin is positive: TRL's rewards/accuracies) and `val_margin`. With
+`keep_best` the saved weights are those of the evaluation with the lowest held-out loss (the
+loss, not the accuracy: a few dozen held-out pairs make the accuracy jump by whole pairs),
+as stages/reward.py does it.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from tinylm.errors import UserError
 from tinylm.feedback.io import read_rankings
 from tinylm.feedback.preferences import PairData, sequence_logprobs, split_rows
 from tinylm.models.gpt import GPT
-from tinylm.stages.common import batch_generator, prepare_run_dir
-from tinylm.stages.reward import RankingDataConfig
+from tinylm.stages.common import batch_generator, load_reference, prepare_run_dir
+from tinylm.stages.reward import BestWeights, RankingDataConfig, best_step
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import objectives
 from tinylm.train.loop import TrainConfig, train
@@ -48,6 +51,8 @@ class DPOConfig:
     out: str = "runs/dpo"
     init: str = ""  # the SFT run: the policy's start and the frozen reference (required)
     beta: float = 0.1  # the strength of the pull towards the reference (DPO's beta)
+    keep_best: bool = True  # save the weights of the evaluation with the lowest val_loss
+    ref: str = ""  # the frozen reference; "" = init (tinylm rlhf: the SFT run in every round)
     data: RankingDataConfig = field(default_factory=RankingDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -94,7 +99,10 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
                         f"model's {T}-token window")
     print(f"dpo: {len(data)} training and {len(held)} held-out pairs"
           + (f" ({data.dropped_pairs} too long dropped)" if data.dropped_pairs else ""))
-    reference = model if not resume else rundir.load_model(Path(cfg.init), family="gpt")
+    if cfg.ref:
+        reference = load_reference(cfg.ref, model)
+    else:
+        reference = model if not resume else rundir.load_model(Path(cfg.init), family="gpt")
     for d in (data, held):
         d.set_reference(reference, cfg.data.eval_batch_size)
     del reference
@@ -106,12 +114,23 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     def batch_fn(step: int, k: int):
         return data.batch(cfg.train.batch_size, batch_generator(cfg.train.seed, step, k))
 
+    best = BestWeights()
+
     def eval_fn(m: GPT) -> dict[str, float]:
-        return dpo_metrics(m, held, cfg.data.eval_batch_size, cfg.beta) if len(held) else {}
+        metrics = dpo_metrics(m, held, cfg.data.eval_batch_size, cfg.beta) if len(held) else {}
+        best.offer(m, -metrics["val_loss"] if metrics else None, metrics)
+        return metrics
 
     objective = functools.partial(objectives.dpo, beta=cfg.beta)
     result = train(model, objective, batch_fn, cfg.train, run_dir, eval_fn, resume=resume,
                    flops_per_token=model.flops_per_token(T))
+    if cfg.keep_best and best.state is not None:
+        model.load_state_dict(best.state)
+        rundir.save_model(run_dir, model)
+        step = best_step(run_dir, "val_loss", -best.score)
+        result |= best.metrics | {"best_step": step if step is not None else -1}
+        print(f"dpo: keeping the weights of step {step} (lowest held-out loss "
+              f"{-best.score:.4f})")
     viz.plot_metrics(run_dir)
     if "val_accuracy" in result:
         print(f"dpo: held-out pairs with a positive implicit margin {result['val_accuracy']:.3f}"

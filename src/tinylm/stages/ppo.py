@@ -36,7 +36,7 @@ from tinylm.feedback.collect import read_prompts
 from tinylm.infer.chat import turn_end_ids
 from tinylm.models.heads import RewardModel
 from tinylm.perf import pick_device
-from tinylm.stages.common import batch_generator, prepare_run_dir
+from tinylm.stages.common import batch_generator, load_reference, prepare_run_dir
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import ppo
 from tinylm.train.loop import TrainConfig
@@ -57,6 +57,7 @@ class PromptDataConfig:
 class PPOStageConfig:
     out: str = "runs/ppo"
     init: str = ""  # the policy to start from: an SFT run (required)
+    ref: str = ""  # the frozen reference of the KL penalty; "" = init (tinylm rlhf: the SFT run)
     reward: str = ""  # the reward model: a run of `tinylm reward` (required)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)
@@ -133,7 +134,7 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
     template = rundir.chat_template(init, required=True)
     end_id = turn_end_ids(tok, template)[0]
     policy = rundir.load_model(init, family="gpt")
-    ref = rundir.load_model(init, family="gpt")
+    ref = load_reference(cfg.ref or cfg.init, policy)
     rm = load_reward(cfg.reward, tok)
     value = ppo.PerToken(load_reward(cfg.reward, tok)) if cfg.ppo.advantage == "gae" else None
 

@@ -11,10 +11,22 @@ together in one batch element, ties skipped (train/objectives.py). A micro-batch
 Held out by prompt (data.val_fraction): pairwise accuracy (`val_accuracy`) and mean margin
 (`val_margin`) at every evaluation. After training, the mean and standard deviation of the
 rewards over the training answers go into the model's config (model.json), for normalising.
+
+Against overfitting (a few hundred prompts are learnt by heart long before the rule is):
+- `keep_best`: the weights of the evaluation with the best held-out accuracy are the ones
+  saved (early stopping without stopping: the LR schedule still runs to its end, so the
+  choice never changes what the later steps do). The resume state keeps the last step's
+  weights; a resumed run chooses among the evaluations it ran itself.
+- `freeze_layers`: the token embeddings and the first N transformer blocks keep their SFT
+  weights (the optimizer never sees them), so fewer weights can fit the training prompts.
+- `dropout`: dropout in the backbone while training (off at every evaluation, and saved as
+  0 in model.json, since whoever loads the reward model only reads it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +57,64 @@ class RankingDataConfig:
 class RewardStageConfig:
     out: str = "runs/reward"
     init: str = ""  # the SFT run whose backbone the reward model starts from (required)
+    keep_best: bool = True  # save the weights of the best held-out evaluation
+    freeze_layers: int = 0  # token embeddings + this many lowest blocks stay frozen
+    dropout: float = 0.0  # backbone dropout while training
     data: RankingDataConfig = field(default_factory=RankingDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.freeze_layers < 0 or not 0 <= self.dropout < 1:
+            raise ValueError("freeze_layers must be >= 0 and dropout in [0, 1)")
+
+
+class BestWeights:
+    """The weights of the evaluation with the highest score so far (a CPU copy), so the run
+    can end on them instead of on its last step."""
+
+    def __init__(self) -> None:
+        self.score = float("-inf")
+        self.state: dict[str, torch.Tensor] | None = None
+        self.metrics: dict[str, float] = {}
+
+    def offer(self, model: torch.nn.Module, score: float | None,
+              metrics: dict[str, float]) -> None:
+        """Keep `model`'s weights when `score` (None: no evaluation) beats the best so far."""
+        if score is not None and score > self.score:
+            self.score, self.metrics = score, dict(metrics)
+            self.state = {k: v.detach().to("cpu", copy=True)
+                          for k, v in model.state_dict().items()}
+
+
+def freeze_lower(model: RewardModel, n_layers: int) -> int:
+    """Freeze the token embeddings and the first `n_layers` blocks; returns the number of
+    weights left to train."""
+    gpt = model.backbone
+    if n_layers > len(gpt.blocks):
+        raise UserError(f"freeze_layers={n_layers}: the model has only {len(gpt.blocks)} "
+                        "blocks")
+    if n_layers:
+        for module in [gpt.tok_emb, *gpt.blocks[:n_layers]]:
+            module.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of `model` (and its config) at p."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+    model.config.backbone = dataclasses.replace(model.config.backbone, dropout=p)
+
+
+def best_step(run_dir: Path, key: str, score: float) -> int | None:
+    """The first logged step whose `key` equals `score` (the evaluation BestWeights kept)."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.get(key) == score:
+            return int(row["step"])
+    return None
 
 
 def load_rankings(cfg: RankingDataConfig, tok: Tokenizer, template: str, block_size: int
@@ -72,12 +140,15 @@ def run(cfg: RewardStageConfig, resume: bool = False) -> dict[str, Any]:
                         "export`, or TRL pairs JSONL)")
     run_dir = prepare_run_dir(cfg.out, resume)
     source = run_dir if resume else Path(cfg.init)
-    model = RewardModel.from_gpt(rundir.load_model(Path(cfg.init), family="gpt"))
+    gpt = rundir.load_model(Path(cfg.init), family="gpt")
+    gpt.config = dataclasses.replace(gpt.config, dropout=cfg.dropout)
+    model = RewardModel.from_gpt(gpt)  # a fresh GPT from the config: dropout modules at p
+    trainable = freeze_lower(model, cfg.freeze_layers)
     tok = Tokenizer.load(source / rundir.TOKENIZER)
     template = rundir.chat_template(source, required=True)
     data, held = load_rankings(cfg.data, tok, template, model.config.block_size)
     print(f"reward: {len(data)} training rankings ({data.n_pairs()} ordered pairs), "
-          f"{len(held)} held-out ({held.n_pairs()} pairs)"
+          f"{len(held)} held-out ({held.n_pairs()} pairs); {trainable:,} weights trained"
           + (f"; dropped {data.dropped_answers + held.dropped_answers} answers too long for "
              f"the window" if data.dropped_answers + held.dropped_answers else ""))
     if not resume:
@@ -88,12 +159,25 @@ def run(cfg: RewardStageConfig, resume: bool = False) -> dict[str, Any]:
     def batch_fn(step: int, k: int):
         return data.batch(cfg.train.batch_size, batch_generator(cfg.train.seed, step, k))
 
+    best = BestWeights()
+
     def eval_fn(m: RewardModel) -> dict[str, float]:
-        return reward_metrics(m, held, cfg.data.eval_batch_size) if len(held) else {}
+        metrics = reward_metrics(m, held, cfg.data.eval_batch_size) if len(held) else {}
+        best.offer(m, metrics.get("val_accuracy"), metrics)
+        return metrics
 
     T = model.config.block_size
     result = train(model, objectives.reward_ranking, batch_fn, cfg.train, run_dir, eval_fn,
                    resume=resume, flops_per_token=model.flops_per_token(T))
+    if cfg.keep_best and best.state is not None:
+        last_accuracy = result.get("val_accuracy", best.score)
+        model.load_state_dict(best.state)
+        step = best_step(run_dir, "val_accuracy", best.score)
+        result |= best.metrics | {"best_step": step if step is not None else -1,
+                                  "last_val_accuracy": last_accuracy}
+        print(f"reward: keeping the weights of step {step} (best held-out accuracy "
+              f"{best.score:.3f}; the last step's {last_accuracy:.3f})")
+    set_dropout(model, 0.0)
     model.eval()
     with torch.no_grad():
         model.config.mean, model.config.std = reward_stats(model, data,

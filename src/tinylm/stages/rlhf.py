@@ -22,9 +22,9 @@ Round k (1, 2, ...) of `rounds`, starting from the SFT run `init`:
    construction. It costs one reward training per round, sized for that in the presets.
 4. **policy**: PPO (stages/ppo.py, `[ppo]`) from the current policy against the new reward
    model, on all training prompts; or, with `method = "dpo"`, DPO (stages/dpo.py, `[dpo]`) from
-   the current policy on the rankings of rounds 1..k. The frozen reference should be the SFT run
-   in every round: it is when the stage's config has a `ref` key; until then the stages take
-   their reference from `init` (the current policy), and rounds.json records which was used.
+   the current policy on the rankings of rounds 1..k. The frozen reference is the SFT run in
+   every round (the stages' `ref` key), so the KL leash does not move with the policy;
+   rounds.json records it.
 5. **evaluate** (eval/winrate.py), on held-out prompts the gold judge can score (`gold`, by
    default the labeler; `request` for `web`): win rate of the new policy against the SFT run
    and against the round before (greedy answers), mean gold score, mean length, the mean KL
@@ -42,7 +42,6 @@ unfinished round's run dirs are written again, its comparisons already in the st
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import json
 import math
@@ -277,15 +276,6 @@ def write_rankings(store: Store, k: int, path: Path) -> dict[int, int]:
 
 
 # --- (c) reward, (d) policy ----------------------------------------------------------------------
-def with_reference(stage_cfg: Any, sft: str) -> str:
-    """Point the stage's frozen reference at the SFT run when its config can say so (a `ref`
-    key); returns the reference the stage will use (else its `init`)."""
-    if "ref" in {f.name for f in dataclasses.fields(stage_cfg)}:
-        stage_cfg.ref = sft
-        return sft
-    return stage_cfg.init
-
-
 def train_reward(cfg: RLHFConfig, rdir: Path, rankings: Path) -> tuple[str, dict]:
     rcfg = copy.deepcopy(cfg.reward)
     rcfg.out, rcfg.init, rcfg.data.path = str(rdir / "reward"), cfg.init, str(rankings)
@@ -306,8 +296,8 @@ def train_policy(cfg: RLHFConfig, rdir: Path, policy: str, rm: str, rankings: Pa
         pcfg.data.path = str(rankings)
         stage = dpo
     pcfg.out, pcfg.init = str(rdir / "policy"), policy
-    ref = with_reference(pcfg, cfg.init)
-    return pcfg.out, ref, stage.run(pcfg)
+    pcfg.ref = cfg.init  # the leash stays on the SFT run, round after round
+    return pcfg.out, pcfg.ref, stage.run(pcfg)
 
 
 # --- (e) evaluate ------------------------------------------------------------------------------
