@@ -70,7 +70,8 @@ def sampling_params(args: argparse.Namespace, prompt_len: int, block_size: int, 
 
 def print_result(result: dict) -> None:
     keys = ("step", "loss", "val_loss", "val_ppl", "train_time", "tokens", "tokens_per_s", "mfu",
-            "objective/scores", "objective/kl", "eval/scores", "eval/gold", "eval/kl")
+            "objective/scores", "objective/kl", "eval/scores", "eval/gold", "eval/kl",
+            "win_rate_vs_sft", "gold", "gold_sft", "proxy", "proxy_sft", "kl")  # last: rlhf
     parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}"
              for k in keys if k in result]
     print("done: " + " ".join(parts))
