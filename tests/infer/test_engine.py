@@ -352,3 +352,25 @@ def test_a_kept_engine_sees_weights_a_fused_optimizer_step_changed():
     after = engine.generate([[1, 2, 3]], p)[0].token_ids
     assert after == Engine(m).generate([[1, 2, 3]], p)[0].token_ids
     assert after != before
+
+
+def test_int8_kernel_takes_widths_that_are_not_multiples_of_16():
+    """The C kernel multiplies with AVX2 only when K % 16 == 0; a Linear of another width (a
+    SwiGLU hidden of 680, say) keeps zero columns after its int8 weight and pads x per call,
+    which changes no dot product: kernel rows agree with the wide path's and with fp32."""
+    from tinylm.infer import fast, kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 40) * 0.1, torch.randn(24) * 0.1  # K = 40: 8 past a multiple of 16
+    lin = fast.Linear(w, b, torch.int8, max_rows=16)
+    assert lin.k_pad == 8 and lin.c_int8[0].shape == (24, 48)
+    assert (lin.c_int8[0][:, 40:] == 0).all()
+    x = torch.randn(4, 40).to(torch.bfloat16)
+    kernel = lin(x).float()  # (4, 24): 4 rows <= max_rows, the C kernel
+    lin.max_rows = 0
+    wide = lin(x).float()  # the wide path, from the same int8 weights without the padding
+    exact = x.float() @ w.T + b
+    assert (kernel - wide).abs().max() < 0.02 * exact.abs().max()
+    assert (kernel - exact).abs().max() < 0.03 * exact.abs().max()

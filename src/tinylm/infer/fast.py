@@ -124,8 +124,8 @@ AUTO_BATCHES = (1, 8)  # the decode batches `auto` measures: one chat, and a bus
 
 def _auto_key(c: GPTConfig) -> str:
     return hashlib.sha256("|".join(map(str, (
-        "race on 1 thread, wide path scaled after", torch.__version__, kernels.cpu_id(),
-        kernels.available(),
+        "race on 1 thread, wide path scaled after, K padded to 16", torch.__version__,
+        kernels.cpu_id(), kernels.available(),
         c.d_model, c.hidden, c.kv_heads * c.head_dim, c.mlp, c.n_layer,
         c.vocab_size))).encode()).hexdigest()[:16]
 
@@ -375,6 +375,7 @@ class Linear:
         silu(gate) * up; the C kernel holds the two interleaved, row by row, and computes it
         in registers."""
         self.int8 = self.c_int8 = self.c_glu = self.c_glu_bias = None
+        self.k_pad = 0  # zero columns after c_int8's K (see below)
         self.max_rows = self.INT8_MAX_ROWS if max_rows is None else max_rows
         w = weight.detach()
         self.bias32 = None if bias is None else bias.detach().float().contiguous()
@@ -391,6 +392,14 @@ class Linear:
                     b = self.bias32
                     self.c_glu_bias = None if b is None else b.view(2, -1).T.reshape(N)
                     self.c_int8 = None  # one int8 copy: the interleaved one
+                elif q.shape[1] % 16:
+                    # The kernel multiplies with AVX2 only when K % 16 == 0, else in a scalar
+                    # loop that gains nothing from more rows (SwiGLU's down projection at
+                    # hidden 680: 262 us at 8 rows, above the wide path's 100-170, so it took
+                    # the wide path from 2 rows). Zero columns in the weight, and zeros
+                    # appended to x per call, add nothing to any dot product.
+                    self.k_pad = -q.shape[1] % 16
+                    self.c_int8 = (F.pad(q, (0, self.k_pad)).contiguous(), scale)
             # PyTorch's int8 kernel reads wrong bytes (or crashes) unless in_features is a
             # multiple of 16 (measured on 2.13): other widths keep only the bf16 form.
             elif w.shape[1] % 16 == 0:
@@ -418,9 +427,11 @@ class Linear:
             return F.silu(gate) * up
         if self.c_int8 is not None and (rows <= self.max_rows or self.weight is None):
             if rows <= self.max_rows:
-                y = kernels.int8_linear(x.contiguous(), *self.c_int8, self.bias32, residual)
+                x = F.pad(x, (0, self.k_pad)) if self.k_pad else x.contiguous()
+                y = kernels.int8_linear(x, *self.c_int8, self.bias32, residual)
                 return y if act == "none" else _ACTIVATIONS[act](y)
             q, scale = self.c_int8  # the wide path without a kept copy: widened for this call
+            q = q[:, : q.shape[1] - self.k_pad]
             y = _widened(x, q, scale, self.bias32).to(x.dtype)
         elif self.int8 is not None and rows <= 4:
             y = torch._weight_int8pack_mm(x, *self.int8)
@@ -497,7 +508,9 @@ class FastGPT:
         self.tok_emb = self.emb_int8 = None
         tied = model.tok_emb.weight is model.lm_head.weight
         if self.weight_dtype == torch.int8 and self.head.c_int8 is not None and tied:
-            self.emb_int8 = self.head.c_int8
+            q, scale = self.emb_int8 = self.head.c_int8
+            if self.head.k_pad:  # a view without the kernel's zero columns: still one copy
+                self.emb_int8 = (q[:, : q.shape[1] - self.head.k_pad], scale)
         elif self.weight_dtype == torch.int8:
             self.emb_int8 = quantize_rows(model.tok_emb.weight)
         else:
