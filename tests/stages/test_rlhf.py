@@ -154,11 +154,12 @@ def test_the_web_labeler_waits_for_people_then_goes_on(base, tmp_path, capsys):
         out.mkdir(parents=True, exist_ok=True)
         store = Store(out / "feedback.db")
         deadline = time.monotonic() + 600  # sampling can be slow on a loaded machine
-        while not (comps := rlhf.round_comparisons(store, 1)) and time.monotonic() < deadline:
+        # the collector stores comparisons one by one: wait for the quota's worth
+        while len(rlhf.round_comparisons(store, 1)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
         seen["waiting"] = not (out / "round-1" / "reward").exists()
-        for c in comps[:2]:
+        for c in rlhf.round_comparisons(store, 1)[:2]:
             store.add_ranking(c["id"], [[a] for a in c["answer_ids"]], labeler="ann",
                               key=f"ann:{c['id']}")
 
