@@ -4,6 +4,7 @@ seed batches, tokenize the corpus, build or --init the model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -94,3 +95,39 @@ def load_reference(run: str | Path, policy: torch.nn.Module) -> torch.nn.Module:
         raise UserError(f"the reference {run} has {ref.config.vocab_size} tokens, the policy "
                         f"{policy.config.vocab_size}: use a run of the same tokenizer")
     return ref
+
+
+class BestWeights:
+    """Early stopping without stopping, for stages whose eval_fn reports `key`: a CPU copy of
+    the weights of the best evaluation so far (highest, or lowest with higher=False), which
+    `restore` puts back after training. The LR schedule still runs to its end, so keeping
+    them never changes what the later steps do."""
+
+    def __init__(self, key: str, higher: bool = True) -> None:
+        self.key, self.sign = key, 1.0 if higher else -1.0
+        self.score = float("-inf")
+        self.state: dict[str, torch.Tensor] | None = None
+        self.metrics: dict[str, float] = {}
+
+    def offer(self, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+        """Keep `model`'s weights when these metrics (maybe none: no held-out data) beat the
+        best so far."""
+        if self.key in metrics and self.sign * metrics[self.key] > self.score:
+            self.score, self.metrics = self.sign * metrics[self.key], dict(metrics)
+            self.state = {k: v.detach().to("cpu", copy=True)
+                          for k, v in model.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module, run_dir: Path) -> dict[str, float] | None:
+        """Load the kept weights into `model`; returns their metrics and `best_step` (the
+        first step metrics.jsonl logs with that value; -1 if none), or None if none were
+        kept."""
+        if self.state is None:
+            return None
+        model.load_state_dict(self.state)
+        path, step = run_dir / "metrics.jsonl", -1
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            row = json.loads(line)
+            if row.get(self.key) == self.metrics[self.key]:
+                step = int(row["step"])
+                break
+        return self.metrics | {"best_step": step}

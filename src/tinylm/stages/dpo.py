@@ -39,8 +39,8 @@ from tinylm.errors import UserError
 from tinylm.feedback.io import read_rankings
 from tinylm.feedback.preferences import PairData, sequence_logprobs, split_rows
 from tinylm.models.gpt import GPT
-from tinylm.stages.common import batch_generator, load_reference, prepare_run_dir
-from tinylm.stages.reward import BestWeights, RankingDataConfig, best_step
+from tinylm.stages.common import BestWeights, batch_generator, load_reference, prepare_run_dir
+from tinylm.stages.reward import RankingDataConfig
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import objectives
 from tinylm.train.loop import TrainConfig, train
@@ -114,23 +114,21 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     def batch_fn(step: int, k: int):
         return data.batch(cfg.train.batch_size, batch_generator(cfg.train.seed, step, k))
 
-    best = BestWeights()
+    best = BestWeights("val_loss", higher=False)
 
     def eval_fn(m: GPT) -> dict[str, float]:
         metrics = dpo_metrics(m, held, cfg.data.eval_batch_size, cfg.beta) if len(held) else {}
-        best.offer(m, -metrics["val_loss"] if metrics else None, metrics)
+        best.offer(m, metrics)
         return metrics
 
     objective = functools.partial(objectives.dpo, beta=cfg.beta)
     result = train(model, objective, batch_fn, cfg.train, run_dir, eval_fn, resume=resume,
                    flops_per_token=model.flops_per_token(T))
-    if cfg.keep_best and best.state is not None:
-        model.load_state_dict(best.state)
+    if cfg.keep_best and (kept := best.restore(model, run_dir)) is not None:
         rundir.save_model(run_dir, model)
-        step = best_step(run_dir, "val_loss", -best.score)
-        result |= best.metrics | {"best_step": step if step is not None else -1}
-        print(f"dpo: keeping the weights of step {step} (lowest held-out loss "
-              f"{-best.score:.4f})")
+        result |= kept
+        print(f"dpo: keeping the weights of step {kept['best_step']} (lowest held-out loss "
+              f"{kept['val_loss']:.4f})")
     viz.plot_metrics(run_dir)
     if "val_accuracy" in result:
         print(f"dpo: held-out pairs with a positive implicit margin {result['val_accuracy']:.3f}"

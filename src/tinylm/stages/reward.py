@@ -26,7 +26,6 @@ Against overfitting (a few hundred prompts are learnt by heart long before the r
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from tinylm.errors import UserError
 from tinylm.feedback.io import read_rankings
 from tinylm.feedback.preferences import RankingData, reward_metrics, reward_stats, split_rows
 from tinylm.models.heads import RewardModel
-from tinylm.stages.common import batch_generator, prepare_run_dir
+from tinylm.stages.common import BestWeights, batch_generator, prepare_run_dir
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import objectives
 from tinylm.train.loop import TrainConfig, train
@@ -68,24 +67,6 @@ class RewardStageConfig:
             raise ValueError("freeze_layers must be >= 0 and dropout in [0, 1)")
 
 
-class BestWeights:
-    """The weights of the evaluation with the highest score so far (a CPU copy), so the run
-    can end on them instead of on its last step."""
-
-    def __init__(self) -> None:
-        self.score = float("-inf")
-        self.state: dict[str, torch.Tensor] | None = None
-        self.metrics: dict[str, float] = {}
-
-    def offer(self, model: torch.nn.Module, score: float | None,
-              metrics: dict[str, float]) -> None:
-        """Keep `model`'s weights when `score` (None: no evaluation) beats the best so far."""
-        if score is not None and score > self.score:
-            self.score, self.metrics = score, dict(metrics)
-            self.state = {k: v.detach().to("cpu", copy=True)
-                          for k, v in model.state_dict().items()}
-
-
 def freeze_lower(model: RewardModel, n_layers: int) -> int:
     """Freeze the token embeddings and the first `n_layers` blocks; returns the number of
     weights left to train."""
@@ -105,16 +86,6 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
         if isinstance(m, torch.nn.Dropout):
             m.p = p
     model.config.backbone = dataclasses.replace(model.config.backbone, dropout=p)
-
-
-def best_step(run_dir: Path, key: str, score: float) -> int | None:
-    """The first logged step whose `key` equals `score` (the evaluation BestWeights kept)."""
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        row = json.loads(line)
-        if row.get(key) == score:
-            return int(row["step"])
-    return None
 
 
 def load_rankings(cfg: RankingDataConfig, tok: Tokenizer, template: str, block_size: int
@@ -159,24 +130,21 @@ def run(cfg: RewardStageConfig, resume: bool = False) -> dict[str, Any]:
     def batch_fn(step: int, k: int):
         return data.batch(cfg.train.batch_size, batch_generator(cfg.train.seed, step, k))
 
-    best = BestWeights()
+    best = BestWeights("val_accuracy")
 
     def eval_fn(m: RewardModel) -> dict[str, float]:
         metrics = reward_metrics(m, held, cfg.data.eval_batch_size) if len(held) else {}
-        best.offer(m, metrics.get("val_accuracy"), metrics)
+        best.offer(m, metrics)
         return metrics
 
     T = model.config.block_size
     result = train(model, objectives.reward_ranking, batch_fn, cfg.train, run_dir, eval_fn,
                    resume=resume, flops_per_token=model.flops_per_token(T))
-    if cfg.keep_best and best.state is not None:
-        last_accuracy = result.get("val_accuracy", best.score)
-        model.load_state_dict(best.state)
-        step = best_step(run_dir, "val_accuracy", best.score)
-        result |= best.metrics | {"best_step": step if step is not None else -1,
-                                  "last_val_accuracy": last_accuracy}
-        print(f"reward: keeping the weights of step {step} (best held-out accuracy "
-              f"{best.score:.3f}; the last step's {last_accuracy:.3f})")
+    if cfg.keep_best and (kept := best.restore(model, run_dir)) is not None:
+        last_accuracy = result.get("val_accuracy", kept["val_accuracy"])
+        result |= kept | {"last_val_accuracy": last_accuracy}
+        print(f"reward: keeping the weights of step {kept['best_step']} (best held-out "
+              f"accuracy {kept['val_accuracy']:.3f}; the last step's {last_accuracy:.3f})")
     set_dropout(model, 0.0)
     model.eval()
     with torch.no_grad():
