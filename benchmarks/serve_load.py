@@ -18,7 +18,13 @@ number of intra-op threads (`--threads`, default all cores but one: what `tinylm
 itself; PyTorch's default, all cores, makes every op of a decode step wait whenever the event
 loop or this script's clients hold one of them).
 
+`--workers 1,0` (the default) runs `tinylm serve` both ways in the same turns: with its decode
+loop in a worker process (`tinylm serve --workers 1`) and in the server's own process
+(`--workers 0`).
+A server's CPU counts its children's (the worker's) too.
+
     python benchmarks/serve_load.py [--quick] [--clients 1,4,8,16,64] [--repeats 3] [--no-hf]
+                                    [--workers 1,0]
 """
 
 from __future__ import annotations
@@ -185,13 +191,28 @@ async def round_(url: str, model: str, clients: int, requests: int, max_tokens: 
             "tokens": out["tokens"]}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+def _stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process and its living descendants (a server's
+    decode worker), from Linux /proc; 0 elsewhere."""
+    parents = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = (int(fields[1]), fields)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in parents:
+            fields = parents[p][1]
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        todo += [c for c, (ppid, _) in parents.items() if ppid == p]
+    return total
 
 
 def measure(servers: dict[str, tuple[subprocess.Popen, str, str]], clients: list[int],
@@ -233,14 +254,18 @@ def table(results: dict[str, dict[int, dict]], clients: list[int]) -> None:
             r = rows[n]
             print(f"| {name} | {n} | {r['tok/s']:.1f} | {r['ttft p50'] * 1e3:.1f} | "
                   f"{r['ttft p95'] * 1e3:.1f} | {r['itl p50'] * 1e3:.1f} | {r['cpu ms/tok']:.2f} |")
-    tl = results["tinylm serve"]
-    if 8 in tl and 1 in tl:
-        print(f"\ntinylm at 8 clients / its own 1 client: {tl[8]['tok/s'] / tl[1]['tok/s']:.2f}x")
     hf = results.get("transformers serve")
-    if hf and 8 in tl:
-        print(f"tinylm / transformers serve at 8 clients: tokens/s "
-              f"{tl[8]['tok/s'] / hf[8]['tok/s']:.2f}x, TTFT p50 "
-              f"{tl[8]['ttft p50'] * 1e3:.0f} vs {hf[8]['ttft p50'] * 1e3:.0f} ms")
+    print()
+    for name, tl in results.items():
+        if not name.startswith("tinylm"):
+            continue
+        if 8 in tl and 1 in tl:
+            print(f"{name} at 8 clients / its own 1 client: "
+                  f"{tl[8]['tok/s'] / tl[1]['tok/s']:.2f}x")
+        if hf and 8 in tl and 8 in hf:
+            print(f"{name} / transformers serve at 8 clients: tokens/s "
+                  f"{tl[8]['tok/s'] / hf[8]['tok/s']:.2f}x, TTFT p50 "
+                  f"{tl[8]['ttft p50'] * 1e3:.0f} vs {hf[8]['ttft p50'] * 1e3:.0f} ms")
 
 
 def main() -> None:
@@ -253,6 +278,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers serve")
     ap.add_argument("--dtype", default="auto", help="tinylm serve --dtype")
+    ap.add_argument("--workers", default="1,0", help="tinylm serve --workers, one server per "
+                    "value: 1 = decode in a worker process, 0 = in the server's process; the "
+                    "default measures both in the same turns")
     ap.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
                     help="intra-op threads of both servers (OMP_NUM_THREADS); default: all "
                     "cores but one, tinylm serve's own default, which leaves a core to the "
@@ -279,12 +307,14 @@ def main() -> None:
         threads = {"OMP_NUM_THREADS": str(args.threads)}
         servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
         try:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            servers["tinylm serve"] = (start(
-                [sys.executable, "-m", "tinylm", "serve", "--run", str(run), "--port",
-                 str(port), "--dtype", args.dtype], url, root / "tinylm.log", env=threads),
-                url, run.name)
+            for w in args.workers.split(","):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                name = {"1": "tinylm serve (worker)", "0": "tinylm serve (in-process)"}[w]
+                servers[name] = (start(
+                    [sys.executable, "-m", "tinylm", "serve", "--run", str(run), "--port",
+                     str(port), "--dtype", args.dtype, "--workers", w], url,
+                    root / f"tinylm-{w}.log", env=threads), url, run.name)
             if not args.no_hf:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"

@@ -206,13 +206,15 @@ def chat_turn(session, line: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from tinylm.serve.app import Limits, serve
+    from tinylm.serve.app import DEFAULT_WORKERS, Limits, serve
 
     keys = args.api_key or ([os.environ["TINYLM_API_KEY"]]
                             if os.environ.get("TINYLM_API_KEY") else [])
     limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens, max_batch=args.max_batch,
                     max_waiting=args.max_waiting, per_key_concurrency=args.per_key_concurrency)
-    serve(args.run, args.host, args.port, keys, args.insecure, limits, args.dtype, args.db)
+    workers = DEFAULT_WORKERS if args.workers is None else args.workers
+    serve(args.run, args.host, args.port, keys, args.insecure, limits, args.dtype, args.db,
+          workers)
 
 
 def cmd_label(args: argparse.Namespace) -> None:
@@ -484,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=4096, help="cap on max_tokens")
     p.add_argument("--per-key-concurrency", type=int, default=64,
                    help="requests in flight per key (per address without keys); more get 429")
+    p.add_argument("--workers", type=int, choices=(0, 1), default=None,
+                   help="1: decode in a process of its own, beside the server's event loop "
+                        "(it gains where a core is idle); 0: in a thread of the server's "
+                        "process (default: serve.app.DEFAULT_WORKERS)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("label", help="the ranking page (/label) for people: K answers per "

@@ -1,9 +1,10 @@
 """`tinylm serve`: an OpenAI-compatible API, a chat page and an autocomplete page for a run.
 
 One FastAPI app over one `Scheduler` (infer/engine.py): every request becomes rows of the one
-continuously batched decode loop, which runs in the scheduler's thread, while the asyncio event
-loop here only parses, validates and streams (`async for event in request`, no thread per
-request). Routes:
+continuously batched decode loop, which runs in the scheduler's thread (`workers=0`) or in a
+decode worker process of its own behind a proxy with the Scheduler's API (`workers=1`,
+serve/worker.py), while the asyncio event loop here only parses, validates and streams
+(`async for event in request`, no thread per request). Routes:
 
     GET  /v1/models                 the run, under its folder's name
     POST /v1/completions            text, texts or token-id prompts; n, stream, echo, logprobs
@@ -41,7 +42,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -68,6 +68,7 @@ from tinylm.serve.schemas import (
     Sampling,
     SuggestRequest,
 )
+from tinylm.serve.worker import DecodeWorker, WorkerDied, decode_threads
 
 log = logging.getLogger("tinylm.serve")
 STATIC = Path(__file__).parent / "static"
@@ -75,6 +76,15 @@ PAGES = {"/": "chat.html", "/complete": "complete.html"}
 # No inline script or style anywhere, so injected markup could not run even if it got in.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+# Where the decode loop runs by default: 0 = a thread of the server's process, 1 = a decode
+# worker process (serve/worker.py). On the shared 2-core machine of this project, under load
+# (load average 5-9), the worker did not win at 8 clients in the same turns (lost 3 of 6 A/B
+# runs, tied 2; benchmarks/serve_load.py --workers 1,0; docs/serving.md, "The decode
+# worker"): it pays for its two extra hops with time slices the machine does not have to
+# spare, and can only gain where a core is idle. Measure there before making it 1.
+DEFAULT_WORKERS = 0
 
 
 @dataclass
@@ -124,6 +134,13 @@ def context_error(prompt: int, new: int, block: int) -> APIError:
                     code="context_length_exceeded")
 
 
+def worker_died(e: WorkerDied) -> APIError:
+    """The decode worker is gone: not the client's doing, and retrying here will not help
+    until the server restarts."""
+    return APIError(503, f"the server cannot generate now: {e}", type="server_error",
+                    code="worker_died")
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def reply(e: APIError) -> JSONResponse:
         metrics.rejected.inc(value=str(e.status))
@@ -141,6 +158,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def queue_full(_: Request, e: QueueFull):
         return reply(APIError(503, f"the server is busy: {e}", type="server_busy",
                               code="queue_full", headers={"Retry-After": "1"}))
+
+    @app.exception_handler(WorkerDied)
+    async def died(_: Request, e: WorkerDied):
+        return reply(worker_died(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):
@@ -276,18 +297,36 @@ PageKey = Annotated[str, Depends(page_key)]
 
 # --- the served model --------------------------------------------------------------------------
 class Served:
-    """A run loaded for serving: engine, scheduler, chat template, names."""
+    """A run loaded for serving: scheduler, tokenizer, chat template, names.
+
+    `workers=1`: the model, engine and scheduler live in a decode process of their own
+    (serve/worker.py), so that the decode loop and this event loop do not take turns on one
+    GIL; `scheduler` is then a `DecodeWorker`, with the Scheduler's API, and this process
+    holds only the tokenizer. `workers=0`: the Scheduler runs in a thread of this process
+    (`engine` is then its Engine; None with a worker). Default: DEFAULT_WORKERS."""
 
     def __init__(self, run: str | Path, limits: Limits, dtype: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, workers: int = DEFAULT_WORKERS):
         import tinylm
+        from tinylm.tokenizer import Tokenizer
 
+        if workers not in (0, 1):
+            raise UserError(f"workers={workers}: 0 (decode in the server's process) or 1 (in "
+                            "a decode process of its own)")
         self.run = Path(run)
-        model, self.tok = tinylm.load(self.run, family="gpt")
-        self.engine = Engine(model, self.tok, max_batch=limits.max_batch, dtype=dtype)
-        self.scheduler = Scheduler(self.engine, limits.max_batch, limits.max_waiting)
-        self.block = self.engine.block_size
-        self.vocab = model.config.vocab_size
+        self.engine: Engine | None = None
+        self.worker: DecodeWorker | None = None
+        if workers:
+            self.worker = DecodeWorker(self.run, dtype, limits.max_batch, limits.max_waiting)
+            self.scheduler: Scheduler | DecodeWorker = self.worker
+            self.tok = Tokenizer.load(self.run / rundir.TOKENIZER)
+            self.block, self.vocab = self.worker.block_size, self.worker.vocab_size
+        else:
+            model, self.tok = tinylm.load(self.run, family="gpt")
+            self.engine = Engine(model, self.tok, max_batch=limits.max_batch, dtype=dtype)
+            self.scheduler = Scheduler(self.engine, limits.max_batch, limits.max_waiting)
+            self.block = self.engine.block_size
+            self.vocab = model.config.vocab_size
         self.name = name or self.run.resolve().name
         self.created = int((self.run / "model.safetensors").stat().st_mtime)
         self.template = rundir.chat_template(self.run)
@@ -305,6 +344,27 @@ class Served:
         if token not in self._pieces:
             self._pieces[token] = self.tok.decode([token])
         return self._pieces[token]
+
+    async def admitted(self, requests: Sequence) -> None:
+        """Wait for the decode worker to take `requests` (its refusal of a prompt raises
+        here, before a response starts); nothing to wait for in-process, where submit
+        refuses at once."""
+        if self.worker is not None:
+            await self.worker.admitted(requests)
+
+    async def prompt_logprobs(self, ids: list[int], top: int
+                              ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        """`Engine.prompt_logprobs`, off the event loop: in the worker, or in-process in a
+        thread beside the scheduler's."""
+        if self.worker is not None:
+            return await self.worker.aprompt_logprobs(ids, top)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self.engine.prompt_logprobs, ids, top)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this server cannot generate now (its decode worker died); None when fine."""
+        return self.worker.problem if self.worker is not None else None
 
     def close(self) -> None:
         self.scheduler.close()
@@ -353,13 +413,16 @@ def new_tokens(asked: int | None, prompt_len: int, served: Served, limits: Limit
     return n
 
 
-def submit_all(served: Served, prompts: list[list[int]], params: SamplingParams, n: int):
+async def submit_all(served: Served, prompts: list[list[int]], params: SamplingParams,
+                     n: int):
     """Requests for every prompt (n each); all or none: a refusal cancels what was queued."""
     out = []
     try:
         for ids in prompts:
             out.append(served.scheduler.submit(ids, params, n) if params.max_new_tokens else
                        [None] * n)
+        for reqs in out:
+            await served.admitted(reqs)
     except BaseException:
         for reqs in out:
             for r in reqs:
@@ -489,12 +552,14 @@ def usage(prompt: int, completion: int) -> dict:
 # --- the app -----------------------------------------------------------------------------------
 def create_app(run: str | Path, api_keys: Sequence[str] = (), limits: Limits | None = None,
                dtype: str | None = None, name: str | None = None,
-               db: str | Path | None = None) -> FastAPI:
+               db: str | Path | None = None, workers: int = DEFAULT_WORKERS) -> FastAPI:
     """The server for one run. `api_keys` empty = open (loopback use). `db`: the feedback
     store behind the ranking page /label (default: feedback.db beside the run dir, which is
-    runs/feedback.db for a run in runs/; opened on first use)."""
+    runs/feedback.db for a run in runs/; opened on first use). `workers`: 1 = decode in a
+    process of its own (started here, ready when this returns), 0 = in a thread of this
+    process (`Served`; default DEFAULT_WORKERS)."""
     limits = limits or Limits()
-    served = Served(run, limits, dtype, name)
+    served = Served(run, limits, dtype, name, workers)
     metrics = Metrics({
         "tinylm_requests_running": ("rows decoding now", lambda: served.scheduler.running),
         "tinylm_requests_waiting": ("rows waiting for a place in the batch",
@@ -504,6 +569,8 @@ def create_app(run: str | Path, api_keys: Sequence[str] = (), limits: Limits | N
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        if served.worker is not None:  # its messages are read on this loop, no thread
+            served.worker.attach(asyncio.get_running_loop())
         yield
         served.close()
 
@@ -525,7 +592,9 @@ def create_app(run: str | Path, api_keys: Sequence[str] = (), limits: Limits | N
         return app.openapi()
 
     @app.get("/health", tags=["server"])
-    async def health() -> dict:
+    async def health():
+        if (problem := served.problem) is not None:
+            return JSONResponse({"status": "error", "error": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
@@ -562,7 +631,7 @@ def create_app(run: str | Path, api_keys: Sequence[str] = (), limits: Limits | N
         lease = limiter.acquire(key)
         try:
             echoes = await echo_parts(body, prompts, served, top)
-            groups = submit_all(served, prompts, params, body.n)
+            groups = await submit_all(served, prompts, params, body.n)
         except BaseException:
             lease.release()
             raise
@@ -594,7 +663,7 @@ def create_app(run: str | Path, api_keys: Sequence[str] = (), limits: Limits | N
         params = sampling(body, served, max_new, body.logprobs, top, served.turn_end)
         lease = limiter.acquire(key)
         try:
-            rows = submit_all(served, [ids], params, body.n)[0]
+            rows = (await submit_all(served, [ids], params, body.n))[0]
         except BaseException:
             lease.release()
             raise
@@ -672,14 +741,12 @@ async def echo_parts(body: CompletionRequest, prompts: list[list[int]], served: 
     """Per prompt: the echoed text and (with logprobs) the prompt's logprobs."""
     if not body.echo:
         return [("", None)] * len(prompts)
-    loop = asyncio.get_running_loop()
     out = []
     for ids in prompts:
         text = served.tok.decode(ids)
         lp = None
         if body.logprobs is not None:
-            lps, tops = await loop.run_in_executor(served.pool, served.engine.prompt_logprobs,
-                                                   ids, top)
+            lps, tops = await served.prompt_logprobs(ids, top)
             lp = completion_logprobs(served, ids, lps, [None] + tops[1:], 0)
         out.append((text, lp))
     return out
@@ -742,6 +809,8 @@ class _Run:
                 yield sse(self.chunk([], usage=usage(self.prompt_total(), generated)))
         except (UserError, QueueFull) as e:
             yield sse(APIError(400, str(e)).body())
+        except WorkerDied as e:
+            yield sse(worker_died(e).body())
         except Exception:
             log.exception("error while streaming")
             yield sse(APIError(500, "internal server error", type="server_error").body())
@@ -919,35 +988,24 @@ def check_bind(host: str, api_keys: Sequence[str], insecure: bool) -> None:
                         f"--insecure if this network is trusted")
 
 
-def decode_threads() -> int:
-    """Give the decode loop's matmuls all CPU cores but one (unless OMP_NUM_THREADS says
-    otherwise); returns the number. The event loop, which parses requests and writes every
-    token to its socket, needs a core of its own: PyTorch's intra-op threads wait for each
-    other at the end of every op, so when one of them shares its core with the event loop
-    (or a client on the same machine), every op of a decode step waits for that core's
-    time slice, and a step that takes a millisecond alone takes tens of milliseconds.
-    benchmarks/serve_load.py measures it (docs/serving.md)."""
-    import torch
-
-    if not os.environ.get("OMP_NUM_THREADS"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores - 1))
-    return torch.get_num_threads()
-
-
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
           api_keys: Sequence[str] = (), insecure: bool = False, limits: Limits | None = None,
-          dtype: str | None = None, db: str | Path | None = None) -> None:
+          dtype: str | None = None, db: str | Path | None = None,
+          workers: int = DEFAULT_WORKERS) -> None:
     """Serve `run` until interrupted (what `tinylm serve` calls); `db` is the feedback store
-    the ranking page writes to (default: feedback.db beside the run)."""
+    the ranking page writes to (default: feedback.db beside the run); `workers` as in
+    create_app. The decode loop gets all cores but one (`decode_threads`, in the worker
+    when there is one)."""
     import uvicorn
 
     check_bind(host, api_keys, insecure)
     if not (Path(run) / "model.safetensors").is_file():
         raise UserError(f"{run}: not a run dir with a model (no model.safetensors)")
-    threads = decode_threads()
-    app = create_app(run, api_keys, limits, dtype, db=db)
+    threads = None if workers else decode_threads()
+    app = create_app(run, api_keys, limits, dtype, db=db, workers=workers)
+    worker = app.state.served.worker
+    where = (f"{worker.threads} decode thread(s) in worker process {worker.process.pid}"
+             if worker is not None else f"{threads} decode thread(s) in this process")
     print(f"serving {app.state.served.name} on http://{host}:{port}  (chat: /, autocomplete: "
-          f"/complete, ranking: /label, API: /v1; {threads} decode thread(s))", flush=True)
+          f"/complete, ranking: /label, API: /v1; {where})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
