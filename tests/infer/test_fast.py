@@ -143,7 +143,7 @@ def test_int8_logits_are_close_to_fp32_on_every_path(name, c_kernel, monkeypatch
     if not c_kernel:
         monkeypatch.setattr(kernels, "available", lambda: False)
     # 16 rows on the kernel, whatever this machine measured: 30 prompt rows go wide, 3 not
-    monkeypatch.setattr(fast, "int8_max_rows", lambda c: dict.fromkeys(fast.ROLES, 16))
+    monkeypatch.setattr(fast, "kernel_max_rows", lambda c, d: dict.fromkeys(fast.ROLES, 16))
     torch.manual_seed(0)
     model = GPT(CONFIGS[name]).eval()
     int8 = FastGPT(model, torch.int8)
@@ -185,6 +185,64 @@ def test_int8_linear_on_each_side_of_max_rows_equals_the_dequantized_matmul(rows
     gate, up = want.chunk(2, dim=-1)
     torch.testing.assert_close(glu(x, act="swiglu").float(), F.silu(gate) * up,
                                atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+def test_bf16_linear_on_each_side_of_max_rows_equals_the_matmul(rows, monkeypatch):
+    """Up to max_rows rows run the bf16 C kernel, more PyTorch's bf16 matmul on the kernel's
+    own copy (no second one where bf16 is emulated): both compute x times the bf16 weights,
+    plus bias and residual, activation, or SwiGLU from the interleaved gate and up rows."""
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    calls = []
+    real = kernels.bf16_linear
+    monkeypatch.setattr(kernels, "bf16_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 72), torch.randn(48)  # 72 wide: 8 past a multiple of 16
+    lin = fast.Linear(w, b, torch.bfloat16, max_rows=16)
+    assert lin.c_bf16 is not None and (lin.weight is None) == (not native_bf16(w.device))
+    x, res = torch.randn(rows, 72).bfloat16(), torch.randn(rows, 48).bfloat16()
+    want = x.float() @ w.bfloat16().float().T + b  # (rows, 48)
+    tol = dict(atol=0.1, rtol=3e-2)  # bf16 outputs (and PyTorch's bf16 intermediate steps)
+    got = lin(x, residual=res)
+    assert got.dtype == torch.bfloat16 and len(calls) == (rows <= 16)
+    torch.testing.assert_close(got.float(), want + res.float(), **tol)
+    torch.testing.assert_close(lin(x, act="relu").float(), want.relu(), **tol)
+    glu = fast.Linear(w, b, torch.bfloat16, max_rows=16, glu=True)  # 0-23 gate, 24-47 up
+    gate, up = want.chunk(2, dim=-1)
+    torch.testing.assert_close(glu(x, act="swiglu").float(), F.silu(gate) * up, **tol)
+    assert fast.Linear(w, b, torch.bfloat16, max_rows=0).c_bf16 is None  # lost: no copy
+
+
+def test_engine_on_the_bf16_kernel_equals_the_naive_reference_greedily(monkeypatch):
+    """A tiny SwiGLU GQA model whose weights are bf16 values: the bf16 engine, its matmuls on
+    the C kernel (prefill and decode, head and tied embedding sharing one bf16 copy), gives
+    the full-forward fp32 reference's greedy tokens for a batch of prompts of different
+    lengths; its activations are rounded to bf16 between matmuls, which the scaled weights'
+    margins absorb."""
+    from tinylm.infer.engine import naive_generate
+
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(fast, "kernel_max_rows", lambda c, d: dict.fromkeys(fast.ROLES, 64))
+    calls = []
+    real = kernels.bf16_linear
+    monkeypatch.setattr(kernels, "bf16_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL | {"n_head": 4}, mlp="swiglu", n_kv_head=2, qk_norm=False,
+                          norm_eps=1e-5, tie_embeddings=True)).eval()
+    with torch.no_grad():  # far from uniform: the reference's top two logits are 0.12 or
+        for p in model.parameters():  # more apart at every step, bf16's rounding ~0.02
+            p.copy_((p * 4.0).bfloat16().float())
+    net = FastGPT(model, torch.bfloat16)
+    assert all(layer.up.c_bf16 is not None for layer in net.layers)
+    assert net.tok_emb is net.head.c_bf16  # tied: one bf16 copy
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    for prompt, c in zip(prompts, Engine(model, dtype="bf16").generate(prompts, params)):
+        ref = naive_generate(model, torch.tensor([prompt]), params)[0].tolist()
+        assert c.prompt_ids + c.token_ids == ref
+    assert len(calls) > 10 * 4 * 2  # every matmul of every step
 
 
 def test_int8_widths_pytorchs_kernel_cannot_take(monkeypatch):
@@ -300,19 +358,22 @@ def test_the_race_runs_the_models_shapes_for_each_candidate():
     seconds = fast.race(c, repeats=1)
     assert {"fp32", "int8"} <= set(seconds) and all(
         len(v) == len(fast.AUTO_BATCHES) and min(v) > 0 for v in seconds.values())
-    assert ("bf16" in seconds) == native_bf16(torch.device("cpu"))
+    bf16_runs = native_bf16(torch.device("cpu")) or kernels.available()  # natively or in C
+    assert ("bf16" in seconds) == bf16_runs and len(seconds) == 2 + bf16_runs
 
 
 def test_crossing_is_where_the_kernel_starts_to_lose():
     """The crossover is read off the two paths' times: the kernel's lead at the last row count
-    it won and its loss at the next are interpolated; never losing gives the largest count,
-    losing at once gives 0 (every row on the wide path)."""
+    it won and its loss at the next are interpolated; never losing gives every count
+    (ALL_ROWS), losing at once gives 0 (every row on the other path), and a loss within
+    CROSSOVER_MARGIN is a tie, not a loss."""
     rows = (1, 2, 4, 8, 16, 32)
     wide = [10.0] * 6
     assert fast.crossing(rows, [1, 2, 4, 8, 16, 32], wide) == 10  # the lines meet at 10
-    assert fast.crossing(rows, [1, 2, 4, 9.9, 10.1, 20], wide) == 12  # halfway to 16
-    assert fast.crossing(rows, [1.0] * 6, wide) == 32
+    assert fast.crossing(rows, [1, 2, 4, 9, 11, 20], wide) == 12  # halfway to 16
+    assert fast.crossing(rows, [1.0] * 6, wide) == fast.ALL_ROWS  # every count, a prompt's too
     assert fast.crossing(rows, [11.0] * 6, wide) == 0
+    assert fast.crossing(rows, [10.4] * 6, wide) == fast.ALL_ROWS  # 4% slower: noise, a tie
 
 
 def test_int8_linears_run_the_crossover_measured_for_their_shape(monkeypatch, tmp_path):
@@ -325,8 +386,8 @@ def test_int8_linears_run_the_crossover_measured_for_their_shape(monkeypatch, tm
     measured = []
     rows = dict(zip(fast.ROLES, (3, 5, 7, 9, 11)))
 
-    def crossover(c):
-        measured.append(c.d_model)
+    def crossover(c, dtype):
+        measured.append((c.d_model, dtype))
         return dict(rows)
 
     monkeypatch.setattr(fast, "crossover", crossover)
@@ -335,8 +396,8 @@ def test_int8_linears_run_the_crossover_measured_for_their_shape(monkeypatch, tm
     model = GPT(CONFIGS["qwen3-like"]).eval()
     net = FastGPT(model, torch.int8)
     got = {role: getattr(net.layers[0], role).max_rows for role in ("qkv", "proj", "up", "down")}
-    assert got | {"head": net.head.max_rows} == rows and measured == [128]
-    assert fast.resolve_dtype("auto", model) == torch.int8 and measured == [128]
+    assert got | {"head": net.head.max_rows} == rows and measured == [(128, torch.int8)]
+    assert fast.resolve_dtype("auto", model) == torch.int8 and len(measured) == 1
     assert fast.auto_plan(model.config)["int8_max_rows"] == rows
     x = torch.randn(12, 128).to(torch.bfloat16)
     calls = []
@@ -350,14 +411,17 @@ def test_int8_linears_run_the_crossover_measured_for_their_shape(monkeypatch, tm
 
 
 def test_crossover_is_measured_on_the_models_shapes(monkeypatch):
-    """On a tiny model the measured crossovers are row counts within CROSSOVER_ROWS' range;
-    a C kernel made slower than any matmul loses at every count, so every role gets 0."""
+    """On a tiny model the measured crossovers, int8's and bf16's, are row counts within
+    CROSSOVER_ROWS' range, or every count; a C kernel made slower than any matmul loses at
+    every count, so every role gets 0."""
     if not kernels.available():
         pytest.skip("no C compiler here")
     c = GPTConfig(**SMALL | {"n_head": 4}, mlp="swiglu", n_kv_head=2)
-    rows = fast.crossover(c, repeats=1)
-    assert set(rows) == set(fast.ROLES)
-    assert all(0 <= v <= fast.CROSSOVER_ROWS[-1] for v in rows.values())
+    for dtype in (torch.int8, torch.bfloat16):
+        rows = fast.crossover(c, dtype, repeats=1)
+        assert set(rows) == set(fast.ROLES)
+        assert all(0 <= v <= fast.CROSSOVER_ROWS[-1] or v == fast.ALL_ROWS
+                   for v in rows.values())
     real = kernels.int8_linear
 
     def slow(*args, **kwargs):
@@ -367,4 +431,4 @@ def test_crossover_is_measured_on_the_models_shapes(monkeypatch):
     monkeypatch.setattr(kernels, "int8_linear", slow)
     monkeypatch.setattr(fast, "CROSSOVER_ROWS", (1, 4))
     monkeypatch.setattr(fast, "CROSSOVER_MACS", 1)  # one call per timing
-    assert fast.crossover(c, repeats=1) == dict.fromkeys(fast.ROLES, 0)
+    assert fast.crossover(c, torch.int8, repeats=1) == dict.fromkeys(fast.ROLES, 0)

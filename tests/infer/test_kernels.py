@@ -1,5 +1,5 @@
-"""The C kernels (decode attention, RMSNorm) compute what PyTorch does, and generation falls
-back to PyTorch when they cannot be built."""
+"""The C kernels (decode attention, RMSNorm, matmuls by int8 and bf16 weights) compute what
+PyTorch does, and generation falls back to PyTorch when they cannot be built."""
 
 from __future__ import annotations
 
@@ -151,11 +151,11 @@ def test_a_blocked_key_cache_holds_the_same_keys_through_append_and_select():
 
 @needs_kernel
 @pytest.mark.parametrize("K", [24, 64, 4096], ids=["scalar-loop", "int16-rows", "wide-k"])
-@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("rows", [1, 3, 9, 37])
 def test_int8_linear_kernel_equals_the_dequantized_matmul(K, rows):
     """Any width (24: the plain loop; multiples of 16: activations rounded to int16, whose
     step shrinks for large K so that int32 sums cannot overflow), any row count, an odd
-    number of output rows, bias and residual, bf16 and fp32."""
+    number of output rows, bias and residual, SwiGLU's interleaved pairs, bf16 and fp32."""
     torch.manual_seed(0)
     q = torch.randint(-127, 128, (37, K), dtype=torch.int8)
     scale, bias = torch.rand(37) / 100, torch.randn(37)
@@ -166,8 +166,61 @@ def test_int8_linear_kernel_equals_the_dequantized_matmul(K, rows):
         res = torch.randn(rows, 37).to(dtype)
         got = kernels.int8_linear(x.to(dtype), q, scale, bias, res)
         assert got.dtype == dtype and got.shape == (rows, 37)
-        xd = x.to(dtype).float()
-        ref = xd @ (q.float() * scale[:, None]).T + bias + res.float()
+        ref = x.to(dtype).float() @ (q.float() * scale[:, None]).T + bias  # (rows, 37)
         tol = 1e-3 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(got.float(), ref, atol=tol * want.abs().max().item(),
+        torch.testing.assert_close(got.float(), ref + res.float(),
+                                   atol=tol * want.abs().max().item(), rtol=tol)
+        glu = kernels.int8_linear(x.to(dtype), q[:36], scale[:36], bias[:36], glu=True)
+        gate, up = ref[:, 0:36:2], ref[:, 1:36:2]  # rows 2i and 2i + 1: gate and up of i
+        torch.testing.assert_close(glu.float(), F.silu(gate) * up,
+                                   atol=tol * (want.abs().max().item() ** 2), rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_int8_kernel_is_bit_identical_to_the_unblocked_loop_order(threads, monkeypatch):
+    """The blocked loop nest (panels of weight rows, each met by every group of rows of x)
+    against the order before blocking (`panel=2`: all of x past each pair of weight rows):
+    integer sums do not depend on the order they are added in, and the epilogues are the same,
+    so every output is the same bit for bit, on 1 or 2 threads, whatever the panels' size and
+    however the rows, the output rows and the threads' ranges end."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for K, N, rows, dtype in [(48, 37, 1, torch.bfloat16), (48, 38, 5, torch.float32),
+                              (160, 37, 13, torch.bfloat16), (64, 64, 37, torch.float32),
+                              (40, 37, 7, torch.bfloat16)]:  # K = 40: the plain fp32 loop
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        scale, bias = torch.rand(N) / 100, torch.randn(N)
+        x, res = (torch.randn(rows, K) * 3).to(dtype), torch.randn(rows, N).to(dtype)
+        for extra in ({"bias": bias, "residual": res}, {"bias": bias[: N // 2 * 2],
+                                                        "glu": True}):
+            w, s = (q, scale) if "residual" in extra else (q[: N // 2 * 2], scale[: N // 2 * 2])
+            old = kernels.int8_linear(x, w, s, **extra, panel=2)
+            for panel in (0, 6, 10):  # what fits in L2 (one panel here), or several and a tail
+                assert torch.equal(kernels.int8_linear(x, w, s, **extra, panel=panel), old)
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [8, 40, 64, 93], ids=["short", "k40", "k64", "k93"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 37])
+def test_bf16_linear_kernel_equals_pytorch(K, rows):
+    """bf16 weights times fp32 or bf16 rows, computed in fp32: the matmul of the same values
+    in PyTorch, for widths that are and are not multiples of 16 (the tail after the last 16 is
+    a scalar loop), an odd number of output rows, every row count of a tile and a few tiles,
+    with bias and residual, or SwiGLU on interleaved gate and up rows."""
+    torch.manual_seed(0)
+    w, bias = torch.randn(37, K).bfloat16(), torch.randn(37)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, res = torch.randn(rows, K).to(dtype), torch.randn(rows, 37).to(dtype)
+        ref = x.float() @ w.float().T + bias  # (rows, 37)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output
+        scale = ref.abs().max().item()
+        got = kernels.bf16_linear(x, w, bias, res)
+        assert got.dtype == dtype and got.shape == (rows, 37)
+        torch.testing.assert_close(got.float(), ref + res.float(), atol=tol * scale, rtol=tol)
+        plain = kernels.bf16_linear(x, w)
+        torch.testing.assert_close(plain.float(), ref - bias, atol=tol * scale, rtol=tol)
+        glu = kernels.bf16_linear(x, w[:36], bias[:36], glu=True)
+        gate, up = ref[:, 0:36:2], ref[:, 1:36:2]
+        torch.testing.assert_close(glu.float(), F.silu(gate) * up, atol=tol * scale ** 2,
                                    rtol=tol)

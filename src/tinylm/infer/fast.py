@@ -9,11 +9,13 @@ few microseconds for each of a few hundred small calls. `FastGPT` computes the s
 with less of both:
 
 - fewer bytes: the weights are cast once to the chosen dtype. bf16 halves them; int8 (one
-  scale per output row, bf16 activations) quarters them, and a decode step's int8 matmuls,
-  head included, run a C kernel (kernels.int8_linear) that reads each weight once for all
-  rows; the token embedding reads int8 rows too (the head's own, when tied). On a CPU fp32
-  and bf16 weights are packed once into oneDNN's blocked layout, where a one-row bf16 matmul
-  runs about 2.6x faster than bf16 `F.linear` on the same weights;
+  scale per output row, bf16 activations) quarters them. On a CPU, int8 and bf16 matmuls,
+  head included, run C kernels (kernels.int8_linear, kernels.bf16_linear) that read each
+  weight once for all rows and block many rows (a prompt) as a matmul library does, up to
+  the row count each measured faster than the path it replaces (`crossover`, cached); the
+  token embedding reads the head's rows when the two are tied (one int8 or bf16 copy). fp32
+  weights, and bf16 where bf16 is native, are packed once into oneDNN's blocked layout,
+  where a one-row bf16 matmul runs about 2.6x faster than bf16 `F.linear`;
 - fewer calls: q, k and v are one matmul, as are SwiGLU's gate and up projections; the MLP's
   activation and both residual adds run inside the matmuls (oneDNN post-ops, or the int8
   kernel, which also applies SwiGLU to its interleaved gate and up rows); positions, rotary
@@ -124,16 +126,20 @@ AUTO_BATCHES = (1, 8)  # the decode batches `auto` measures: one chat, and a bus
 
 def _auto_key(c: GPTConfig) -> str:
     return hashlib.sha256("|".join(map(str, (
-        "race on 1 thread, wide path scaled after, K padded to 16", torch.__version__,
-        kernels.cpu_id(), kernels.available(),
+        "race on 1 thread, blocked int8 and bf16 kernels, crossover to 256 rows, 5% margin",
+        torch.__version__, kernels.cpu_id(), kernels.available() and kernels.build_id(),
         c.d_model, c.hidden, c.kv_heads * c.head_dim, c.mlp, c.n_layer,
         c.vocab_size))).encode()).hexdigest()[:16]
 
 
-def _plan(c: GPTConfig, race_dtypes: bool) -> dict:
+KERNEL_DTYPES = {torch.int8: "int8", torch.bfloat16: "bf16"}  # weights the C kernels take
+
+
+def _plan(c: GPTConfig, race_dtypes: bool, kernel: torch.dtype | None) -> dict:
     """The cache entry for `c`'s shapes on this machine (see auto_plan), with the dtype race
-    run if `race_dtypes` and not cached yet, and the int8 crossover measured if not cached:
-    an explicit int8 run needs only the crossover, which takes a fraction of the race."""
+    run if `race_dtypes` and not cached yet, and the crossover of the C kernel for `kernel`
+    weights (int8 or bf16, or None) measured if not cached: an explicit int8 or bf16 run needs
+    only its crossover, which takes a fraction of the race."""
     path = kernels.cache_root() / AUTO_FILE
     key = _auto_key(c)
     try:
@@ -150,10 +156,11 @@ def _plan(c: GPTConfig, race_dtypes: bool) -> dict:
             str(b): min(seconds, key=lambda d: seconds[d][i]) for i, b in
             enumerate(AUTO_BATCHES)})
         changed = True
-    rows = plan.get("int8_max_rows")
-    if not (isinstance(rows, dict) and set(rows) == set(ROLES)
-            and all(isinstance(v, int) and v >= 0 for v in rows.values())):
-        plan["int8_max_rows"] = crossover(c)
+    field = f"{KERNEL_DTYPES[kernel]}_max_rows" if kernel is not None else None
+    rows = plan.get(field) if field else {}
+    if field and not (isinstance(rows, dict) and set(rows) == set(ROLES)
+                      and all(isinstance(v, int) and v >= 0 for v in rows.values())):
+        plan[field] = crossover(c, kernel)
         changed = True
     if changed:
         table[key] = plan
@@ -169,21 +176,23 @@ def auto_plan(c: GPTConfig) -> dict:
     """What `race` and `crossover` measured for models of `c`'s shapes on this CPU, once per
     machine, torch version and shape (a few seconds), cached in $TINYLM_CACHE/auto-dtype.json:
     {"seconds": {dtype: [seconds at each of AUTO_BATCHES]}, "by_batch": {batch: fastest},
-    "int8_max_rows": {role: the most rows the int8 C kernel takes for that matmul}}."""
-    return _plan(c, race_dtypes=True)
+    "int8_max_rows": {role: the most rows the int8 C kernel takes for that matmul}}, and
+    "bf16_max_rows" likewise once a bf16 engine was made."""
+    return _plan(c, race_dtypes=True, kernel=torch.int8)
 
 
-def int8_max_rows(c: GPTConfig) -> dict[str, int]:
-    """For int8 weights of `c`'s shapes on this CPU: per matmul role (ROLES), the most rows
-    for which the C kernel beat the wide path (`crossover`), cached with `auto_plan`."""
-    return _plan(c, race_dtypes=False)["int8_max_rows"]
+def kernel_max_rows(c: GPTConfig, dtype: torch.dtype) -> dict[str, int]:
+    """For int8 or bf16 weights of `c`'s shapes on this CPU: per matmul role (ROLES), the most
+    rows for which the C kernel beat the path it replaces (`crossover`; ALL_ROWS: every
+    count), cached with `auto_plan`."""
+    return _plan(c, race_dtypes=False, kernel=dtype)[f"{KERNEL_DTYPES[dtype]}_max_rows"]
 
 
 def auto_cpu_dtype(c: GPTConfig) -> torch.dtype:
     """The weights to keep for `auto` on this CPU. Which is fastest is measured, not read off a
     CPU flag: int8 reads a quarter of fp32's bytes but must be widened before it is multiplied;
-    bf16 is fast only where it is native (AVX512-BF16, AMX: it beat int8 there on a 135M model,
-    issue 13), and emulated, many times slower, elsewhere.
+    bf16 reads half and is widened by a shift (the C kernel), or runs natively (AVX512-BF16,
+    AMX: it beat int8 there on a 135M model, issue 13).
 
     The engine's batch changes under continuous batching, so `race` times each candidate at
     batch 1 and at batch 8. One copy of the weights is kept, so memory stays bounded: if int8
@@ -199,9 +208,10 @@ def auto_cpu_dtype(c: GPTConfig) -> torch.dtype:
 def race(c: GPTConfig, repeats: int = 3) -> dict[str, list[float]]:
     """Seconds (the best of `repeats`) for one decode step's matmuls of `c`'s shapes, head
     included, at each of AUTO_BATCHES rows, for each candidate dtype here: fp32, int8, and bf16
-    where it is native. Random weights of those shapes, enough layers to hold at least 64 MB in
-    bf16 (out of the CPU's caches, as a real model's weights are), scaled to all n_layer
-    layers; the candidates run in turns, so that a burst of load slows them alike.
+    where the C kernel is built or bf16 is native. Random weights of those shapes, enough
+    layers to hold at least 64 MB in bf16 (out of the CPU's caches, as a real model's weights
+    are), scaled to all n_layer layers; the candidates run in turns, so that a burst of load
+    slows them alike.
 
     On one thread: with two on a loaded machine (seven processes on two cores, issue 13) a
     step took 4 s instead of 0.1, every OpenMP barrier waiting for a descheduled thread, and
@@ -225,10 +235,17 @@ def _race(c: GPTConfig, repeats: int) -> dict[str, list[float]]:
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes * layers]
     head = torch.randn(c.vocab_size, C, generator=gen) * 0.02
-    names = ["fp32", "int8"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
-    nets = {n: ([Linear(w, None, DTYPES[n]) for w in weights], Linear(head, None, DTYPES[n]))
-            for n in names}
-    best = {n: [float("inf")] * len(AUTO_BATCHES) for n in names}
+    # bf16 on the C kernel where it can be built, and PyTorch's where bf16 is native (the two
+    # timed apart, the faster kept: what FastGPT's measured crossover would pick per matmul)
+    native = native_bf16(torch.device("cpu"))
+    paths = {"fp32": ("fp32", None), "int8": ("int8", None)}
+    if kernels.available():
+        paths["bf16"] = ("bf16", ALL_ROWS)
+    if native:
+        paths["bf16 without the kernel" if kernels.available() else "bf16"] = ("bf16", 0)
+    nets = {n: ([Linear(w, None, DTYPES[d], rows) for w in weights],
+                Linear(head, None, DTYPES[d], rows)) for n, (d, rows) in paths.items()}
+    best = {n: [float("inf")] * len(AUTO_BATCHES) for n in paths}
     for i, B in enumerate(AUTO_BATCHES):
         inputs = {k: torch.randn(B, k, generator=gen) for k in (C, c.hidden)}
         for _ in range(repeats):
@@ -243,12 +260,17 @@ def _race(c: GPTConfig, repeats: int) -> dict[str, list[float]]:
                 head_linear(act[C])
                 total = layer_time * c.n_layer / layers + time.perf_counter() - t
                 best[n][i] = min(best[n][i], total)
+    if "bf16 without the kernel" in best:
+        best["bf16"] = list(map(min, best["bf16"], best.pop("bf16 without the kernel")))
     return best
 
 
 ROLES = ("qkv", "proj", "up", "down", "head")  # a model's matmuls, as FastGPT names them
-CROSSOVER_ROWS = (1, 2, 4, 8, 16, 32)  # the row counts `crossover` times both int8 paths at
+CROSSOVER_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # row counts `crossover` times both at
 CROSSOVER_MACS = 4 << 20  # multiply-adds per timing: calls are repeated up to this many
+CROSSOVER_SECONDS = 0.05  # a pair of timings this long ends the measurement (see crossover)
+ALL_ROWS = 1 << 30  # max_rows for a kernel that never lost: every row count
+CROSSOVER_MARGIN = 0.05  # a kernel slower by less than this has not lost (see crossing)
 
 
 def _role_shapes(c: GPTConfig) -> dict[str, tuple[tuple[int, int], bool]]:
@@ -260,50 +282,61 @@ def _role_shapes(c: GPTConfig) -> dict[str, tuple[tuple[int, int], bool]]:
             "down": ((C, c.hidden), False), "head": ((c.vocab_size, C), False)}
 
 
-def crossing(rows: tuple[int, ...], kernel: list[float], wide: list[float]) -> int:
-    """The most rows for which the C kernel is expected to beat the wide path, from their
+def crossing(rows: tuple[int, ...], kernel: list[float], other: list[float]) -> int:
+    """The most rows for which the C kernel is expected to beat the other path, from their
     seconds at each of `rows` (ascending): the last row count before the kernel first loses,
     moved towards the next one where the two lines (times are about linear in rows between
-    neighbouring counts) cross; 0 if the kernel loses at rows[0], rows[-1] if it never
-    loses (more rows than that are a prompt, which the wide path's blocking is made for)."""
-    for i, (k, w) in enumerate(zip(kernel, wide)):
-        if k > w:
+    neighbouring counts) cross; 0 if the kernel loses at rows[0], ALL_ROWS if it never loses
+    (both are blocked matmuls, whose time per row is flat past a few dozen rows: the one ahead
+    at the last count stays ahead). The kernel loses only by more than CROSSOVER_MARGIN:
+    where both read memory as fast as it goes (one row by a large head) the two times are
+    equal, and which is the lower is noise."""
+    for i, (k, w) in enumerate(zip(kernel, other)):
+        if _lost(k, w):
             if i == 0:
                 return 0
-            lead, loss = wide[i - 1] - kernel[i - 1], k - w  # both >= 0
+            lead, loss = max(0.0, other[i - 1] - kernel[i - 1]), k - w  # loss > 0
             return int(rows[i - 1] + (rows[i] - rows[i - 1]) * lead / (lead + loss))
-    return rows[-1]
+    return ALL_ROWS
 
 
-def crossover(c: GPTConfig, repeats: int = 3) -> dict[str, int]:
-    """Per role (ROLES), the most rows for which the int8 C kernel beats the wide path (a
-    packed bf16 copy where bf16 is native, else the int8 weights widened to fp32 per call) on
-    this CPU, timed at CROSSOVER_ROWS on random weights of `c`'s shapes, one thread as in
-    `race`, the best of `repeats`. The kernel reads each weight once per call but its
-    multiply-adds are not blocked for many rows; the wide path pays a widening per call (or
-    reads bf16) but blocks: which wins at 15 rows (a short prompt) depends on the shape and
-    the CPU, so it is measured. One role's weights at a time (one int8 copy, freed after),
-    each call repeated to CROSSOVER_MACS multiply-adds (4M, at most 64 calls) so that small
-    shapes time above the clock's noise; a path timing over 20 ms is timed once, and the counts
-    past the first the kernel lost are not timed (SmolLM2-sized shapes: 5.5 s before those
-    two cuts, 2.8 s after; a 5M model: 0.3 s). Without the C kernel there is nothing to choose:
-    every role gets 0."""
+def _lost(kernel: float, other: float) -> bool:
+    return kernel > other * (1 + CROSSOVER_MARGIN)
+
+
+def crossover(c: GPTConfig, dtype: torch.dtype = torch.int8, repeats: int = 3
+              ) -> dict[str, int]:
+    """Per role (ROLES), the most rows for which the C kernel for `dtype` weights (int8 or
+    bf16) beats the path it replaces on this CPU: for int8 the wide path (a packed bf16 copy
+    where bf16 is native, else the int8 weights widened to fp32 per call), for bf16 PyTorch's
+    bf16 matmul (oneDNN's packed one where native). Timed at CROSSOVER_ROWS on random weights
+    of `c`'s shapes, one thread as in `race`, the best of `repeats`, in turns.
+
+    The kernels read each weight once per call and block their multiply-adds as a matmul
+    library does, but do the arithmetic with AVX2 only; the other path may have native bf16
+    or AMX, or pay a widening per call: which wins at which rows depends on the shape and the
+    CPU, so it is measured. One role's weights at a time (freed after), each call repeated to
+    CROSSOVER_MACS multiply-adds (4M, at most 64 calls) so that small shapes time above the
+    clock's noise; a path timing over 20 ms is timed once; the counts past the first the
+    kernel lost are not timed, nor those past a pair of timings of CROSSOVER_SECONDS (a large
+    head's, or emulated bf16's: the times per row are flat by then). Without the C kernels
+    there is nothing to choose: every role gets 0."""
     if not kernels.available():
         return dict.fromkeys(ROLES, 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {role: _crossover(shape, glu, repeats)
+        return {role: _crossover(shape, glu, dtype, repeats)
                 for role, (shape, glu) in _role_shapes(c).items()}
     finally:
         torch.set_num_threads(threads)
 
 
-def _crossover(shape: tuple[int, int], glu: bool, repeats: int) -> int:
+def _crossover(shape: tuple[int, int], glu: bool, dtype: torch.dtype, repeats: int) -> int:
     gen = torch.Generator().manual_seed(0)
-    lin = Linear(torch.randn(shape, generator=gen) * 0.02, None, torch.int8, glu=glu)
+    lin = Linear(torch.randn(shape, generator=gen) * 0.02, None, dtype, ALL_ROWS, glu=glu)
     act = "swiglu" if glu else "none"
-    times: dict[int, list[float]] = {limit: [] for limit in (CROSSOVER_ROWS[-1], 0)}
+    times: dict[int, list[float]] = {limit: [] for limit in (ALL_ROWS, 0)}
     for R in CROSSOVER_ROWS:
         x = torch.randn(R, shape[1], generator=gen).to(torch.bfloat16)
         best = dict.fromkeys(times, float("inf"))
@@ -319,10 +352,10 @@ def _crossover(shape: tuple[int, int], glu: bool, repeats: int) -> int:
                 break
         for limit in times:
             times[limit].append(best[limit] / calls)
-        if best[CROSSOVER_ROWS[-1]] > best[0]:  # the kernel lost: `crossing` reads no further
-            break
-    kernel, wide = times[CROSSOVER_ROWS[-1]], times[0]
-    return crossing(CROSSOVER_ROWS[: len(kernel)], kernel, wide)
+        if _lost(best[ALL_ROWS], best[0]) or sum(best.values()) > CROSSOVER_SECONDS:
+            break  # the kernel lost (`crossing` reads no further), or the rest would take long
+    kernel, other = times[ALL_ROWS], times[0]
+    return crossing(CROSSOVER_ROWS[: len(kernel)], kernel, other)
 
 
 # Packing into oneDNN's layout is used when it is there; PACK = False forces plain F.linear
@@ -358,40 +391,44 @@ class Linear:
     matmul library runs it fastest.
 
     dtype int8 keeps the weight as int8 with one scale per output row (absmax / 127), and the
-    activations in bf16. Up to `max_rows` rows (`INT8_MAX_ROWS`, or in FastGPT what
+    activations in bf16. Up to `max_rows` rows (KERNEL_MAX_ROWS, or in FastGPT what
     `crossover` measured here for this matmul) run the C kernel (kernels.int8_linear),
     which reads each int8 weight once, widens it in registers and multiplies it into every
-    row. More rows (a prompt) run the "wide" path, where the matmul library's blocking pays:
-    where bf16 is native, a packed bf16 copy kept beside the int8 one; elsewhere the int8
-    weights widened to fp32 for that one call and dropped (about a millisecond per layer,
-    next to a prompt's tens), so that no second copy is kept. Without the C kernel, PyTorch's
-    own int8 kernel takes the rows."""
+    row. More rows run the "wide" path: where bf16 is native, a packed bf16 copy kept beside
+    the int8 one; elsewhere the int8 weights widened to fp32 for that one call and dropped
+    (about a millisecond per layer, next to a prompt's tens), so that no second copy is kept.
+    Without the C kernel, PyTorch's own int8 kernel takes the rows.
 
-    INT8_MAX_ROWS = 16  # a Linear made alone; FastGPT's take what `crossover` measured
+    dtype bf16 on a CPU with the C kernels runs up to `max_rows` rows on kernels.bf16_linear
+    (each bf16 weight widened to fp32 in registers by a shift), more on the path it replaces
+    (oneDNN's packed bf16 where bf16 is native, else PyTorch's bf16 matmul); a max_rows of 0
+    (the kernel lost everywhere, `crossover`) keeps no copy for it."""
+
+    KERNEL_MAX_ROWS = 16  # a Linear made alone; FastGPT's take what `crossover` measured
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                  max_rows: int | None = None, glu: bool = False):
         """glu: weight is SwiGLU's [gate; up] (2 hidden, K), and act="swiglu" returns
-        silu(gate) * up; the C kernel holds the two interleaved, row by row, and computes it
+        silu(gate) * up; the C kernels hold the two interleaved, row by row, and compute it
         in registers."""
-        self.int8 = self.c_int8 = self.c_glu = self.c_glu_bias = None
+        self.int8 = self.c_int8 = self.c_glu = self.c_glu_bias = self.c_bf16 = None
         self.k_pad = 0  # zero columns after c_int8's K (see below)
-        self.max_rows = self.INT8_MAX_ROWS if max_rows is None else max_rows
+        self.max_rows = self.KERNEL_MAX_ROWS if max_rows is None else max_rows
         w = weight.detach()
         self.bias32 = None if bias is None else bias.detach().float().contiguous()
+        c_kernels = w.device.type == "cpu" and kernels.available()
+        if glu and c_kernels and dtype in (torch.int8, torch.bfloat16):
+            b = self.bias32
+            self.c_glu_bias = None if b is None else _interleave(b[:, None])[:, 0]
         if dtype == torch.int8:
             q, scale = quantize_rows(w)  # (N, K), (N,)
             w = q.float() * scale[:, None]
             dtype = torch.bfloat16
-            if w.device.type == "cpu" and kernels.available():
+            if c_kernels:
                 self.c_int8 = (q, scale)
-                if glu:  # (2, hidden, K) -> (hidden, 2, K): gate i then up i
-                    N, K = q.shape
-                    self.c_glu = (q.view(2, N // 2, K).transpose(0, 1).reshape(N, K),
-                                  scale.view(2, N // 2).T.reshape(N))
-                    b = self.bias32
-                    self.c_glu_bias = None if b is None else b.view(2, -1).T.reshape(N)
-                    self.c_int8 = None  # one int8 copy: the interleaved one
+                if glu:  # one int8 copy: the interleaved one
+                    self.c_glu = (_interleave(q), _interleave(scale[:, None])[:, 0])
+                    self.c_int8 = None
                 elif q.shape[1] % 16:
                     # The kernel multiplies with AVX2 only when K % 16 == 0, else in a scalar
                     # loop that gains nothing from more rows (SwiGLU's down projection at
@@ -404,9 +441,12 @@ class Linear:
             # multiple of 16 (measured on 2.13): other widths keep only the bf16 form.
             elif w.shape[1] % 16 == 0:
                 self.int8 = (q, scale.to(torch.bfloat16))
+        elif dtype == torch.bfloat16 and c_kernels and self.max_rows > 0:
+            wb = w.to(torch.bfloat16)
+            self.c_bf16 = (_interleave(wb) if glu else wb).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.weight, self.packed = None, False
-        c_form = self.c_int8 is not None or self.c_glu is not None
+        c_form = self.c_int8 is not None or self.c_glu is not None or self.c_bf16 is not None
         if not c_form or native_bf16(w.device):  # the wide path keeps its own copy
             w = w.to(dtype).contiguous()
             self.packed = _can_pack(w)
@@ -416,17 +456,29 @@ class Linear:
                  residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (rows, in_features). `act` and `residual` are never both given."""
         rows = x.shape[0]
-        if act == "swiglu" and self.c_glu is not None and rows <= self.max_rows:
-            return kernels.int8_linear(x.contiguous(), *self.c_glu, self.c_glu_bias, glu=True)
-        if act == "swiglu" and self.c_glu is not None and self.weight is None:
-            q, scale = self.c_glu  # the wide path, from the interleaved rows widened for now
-            y = _widened(x, q, scale, self.c_glu_bias)
-            return (F.silu(y[:, 0::2]) * y[:, 1::2]).to(x.dtype)
+        kernel = rows <= self.max_rows
+        if act == "swiglu" and (self.c_glu is not None or self.c_bf16 is not None):
+            if kernel and self.c_glu is not None:
+                return kernels.int8_linear(x.contiguous(), *self.c_glu, self.c_glu_bias,
+                                           glu=True)
+            if kernel:
+                return kernels.bf16_linear(x.contiguous(), self.c_bf16, self.c_glu_bias,
+                                           glu=True)
+            if self.weight is None:  # the wide path, from the interleaved rows
+                if self.c_glu is not None:
+                    y = _widened(x, *self.c_glu, self.c_glu_bias)
+                else:
+                    b = self.c_glu_bias
+                    y = F.linear(x, self.c_bf16, None if b is None else b.to(x.dtype))
+                return (F.silu(y[:, 0::2]) * y[:, 1::2]).to(x.dtype)
         if act == "swiglu":
             gate, up = self(x).chunk(2, dim=-1)
             return F.silu(gate) * up
-        if self.c_int8 is not None and (rows <= self.max_rows or self.weight is None):
-            if rows <= self.max_rows:
+        if self.c_bf16 is not None and kernel:
+            y = kernels.bf16_linear(x.contiguous(), self.c_bf16, self.bias32, residual)
+            return y if act == "none" else _ACTIVATIONS[act](y)
+        if self.c_int8 is not None and (kernel or self.weight is None):
+            if kernel:
                 x = F.pad(x, (0, self.k_pad)) if self.k_pad else x.contiguous()
                 y = kernels.int8_linear(x, *self.c_int8, self.bias32, residual)
                 return y if act == "none" else _ACTIVATIONS[act](y)
@@ -437,6 +489,8 @@ class Linear:
             y = torch._weight_int8pack_mm(x, *self.int8)
             if self.bias is not None:
                 y += self.bias
+        elif self.weight is None:  # bf16 past the kernel's rows, on the kernel's copy
+            y = F.linear(x, self.c_bf16, self.bias)
         elif not self.packed:
             y = F.linear(x, self.weight, self.bias)
         elif residual is not None:
@@ -448,6 +502,13 @@ class Linear:
         if act != "none":
             y = _ACTIVATIONS[act](y)
         return y if residual is None else y.add_(residual)
+
+
+def _interleave(w: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's [gate; up] rows (2 hidden, K) as gate 0, up 0, gate 1, up 1, ...: one tile of
+    the C kernels computes both halves of an output column."""
+    N, K = w.shape
+    return w.view(2, N // 2, K).transpose(0, 1).reshape(N, K).contiguous()
 
 
 def _widened(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -497,10 +558,10 @@ class FastGPT:
         self.c_norms = cpu and fp32_or_bf16 and kernels.available()
         self.c_attention = self.c_norms and self.dtype == torch.bfloat16
         self.kv_dtype = torch.bfloat16 if self.c_attention else self.attn_dtype
-        # int8: each matmul's crossover between the C kernel and the wide path, measured here
-        # once per machine and shape (`crossover`); a 15-token prompt runs on whichever won.
-        self.max_rows = (int8_max_rows(c) if self.weight_dtype == torch.int8 and cpu
-                         and kernels.available() else {})
+        # int8 and bf16: each matmul's crossover between its C kernel and the other path,
+        # measured here once per machine and shape (`crossover`); each call runs on the winner.
+        self.max_rows = (kernel_max_rows(c, self.weight_dtype) if cpu and kernels.available()
+                         and self.weight_dtype in KERNEL_DTYPES else {})
         self.head = self._linear(model.lm_head.weight, None, "head")
         # The token embedding takes the head's path: with int8 weights its rows are int8 too
         # (one scale per row), the head's own tensors when the two are tied, so a tied model
@@ -513,6 +574,8 @@ class FastGPT:
                 self.emb_int8 = (q[:, : q.shape[1] - self.head.k_pad], scale)
         elif self.weight_dtype == torch.int8:
             self.emb_int8 = quantize_rows(model.tok_emb.weight)
+        elif self.head.c_bf16 is not None and tied:  # the bf16 kernel's copy, shared too
+            self.tok_emb = self.head.c_bf16
         else:
             self.tok_emb = model.tok_emb.weight.detach().to(self.dtype)
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach().to(

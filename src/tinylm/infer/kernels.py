@@ -1,5 +1,6 @@
-"""Three small C kernels for CPU inference (kernels.c): one decode step's attention over a bf16
-KV cache, RMSNorm in one loop, and a matmul of a few rows by int8 weights.
+"""Small C kernels for CPU inference (kernels.c): one decode step's attention over a bf16 KV
+cache, RMSNorm in one loop, and matmuls by int8 or bf16 weights (one row, a batch's few, or a
+prompt's hundreds: blocked as a matmul library blocks them).
 
 They are compiled with the system's C compiler on first use (about a quarter of a second) into
 $TINYLM_CACHE/kernels (default ~/.cache/tinylm), keyed by the source, the flags and the CPU, and
@@ -51,12 +52,19 @@ def cpu_id() -> str:
     return _cpu()
 
 
+def build_id() -> str:
+    """What the library is built from (the source, the compiler, its flags, the CPU): a
+    measurement of the kernels' speed is valid for this build only."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu()]).encode())
+    return key.hexdigest()[:16]
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu()]).encode())
     root = cache_root() / "kernels"
-    lib = root / f"kernels-{key.hexdigest()[:16]}.so"
+    lib = root / f"kernels-{build_id()}.so"
     try:
         if not lib.exists():
             root.mkdir(parents=True, exist_ok=True)
@@ -76,8 +84,11 @@ def _library() -> ctypes.CDLL | None:
     dll.rms_norm.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     dll.rms_norm.restype = None
     dll.int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
-                                ctypes.c_int, ctypes.c_int]
+                                ctypes.c_int, i64, ctypes.c_int]
     dll.int8_linear.restype = None
+    dll.bf16_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
+                                ctypes.c_int, i64, ctypes.c_int]
+    dll.bf16_linear.restype = None
     return dll
 
 
@@ -138,23 +149,54 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                glu: bool = False) -> torch.Tensor:
+                glu: bool = False, panel: int = 0) -> torch.Tensor:
     """x (rows, K) bf16 or fp32 times int8 weight (N, K) with fp32 scale (N,) per output row,
     plus fp32 bias (N,) and residual (rows, N) of x's dtype if given: (rows, N) of x's dtype,
-    computed in fp32. Meant for a few rows (a decode step): each weight is read once. With
-    `glu`, the rows of weight are SwiGLU's gate and up projections interleaved (gate i at 2i,
-    up i at 2i + 1) and the result is silu(gate) * up, (rows, N / 2)."""
+    computed in fp32. Each weight is read from memory once for all rows, and the rows are
+    blocked so that many (a prompt) run as fast as a few per row. With `glu`, the rows of
+    weight are SwiGLU's gate and up projections interleaved (gate i at 2i, up i at 2i + 1)
+    and the result is silu(gate) * up, (rows, N / 2). `panel`: weight rows per block (0: what
+    fits in L2; 2: the order before blocking, for the tests)."""
+    assert weight.dtype == torch.int8 and scale.shape == (weight.shape[0],)
+    x, out, res = _matmul_args(x, weight, bias, residual, glu)
+    rows, K = x.shape
+    _library().int8_linear(x.data_ptr(), rows, K, weight.data_ptr(), _ptr(scale),
+                           weight.shape[0], _ptr(bias), _addr(res), out.data_ptr(),
+                           x.dtype == torch.bfloat16, glu, panel, torch.get_num_threads())
+    return out
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None, glu: bool = False,
+                panel: int = 0) -> torch.Tensor:
+    """As int8_linear, for bf16 weight (N, K) (no scale): each weight widened to fp32 in
+    registers by a shift, multiplied into the rows of x in fp32."""
+    assert weight.dtype == torch.bfloat16
+    x, out, res = _matmul_args(x, weight, bias, residual, glu)
+    rows, K = x.shape
+    _library().bf16_linear(x.data_ptr(), rows, K, weight.data_ptr(), weight.shape[0],
+                           _ptr(bias), _addr(res), out.data_ptr(), x.dtype == torch.bfloat16, glu,
+                           panel, torch.get_num_threads())
+    return out
+
+
+def _matmul_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 residual: torch.Tensor | None, glu: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The checks both matmuls make; returns x, the output tensor and the residual, made
+    contiguous (the caller holds it through the call)."""
     rows, K = x.shape
     N = weight.shape[0]
     assert x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
-    assert weight.dtype == torch.int8 and weight.shape[1] == K and weight.is_contiguous()
-    assert scale.shape == (N,) and not (glu and (N % 2 or residual is not None))
+    assert weight.shape[1] == K and weight.is_contiguous()
+    assert bias is None or bias.shape == (N,)
+    assert not (glu and (N % 2 or residual is not None))
     if residual is not None:
         assert residual.shape == (rows, N) and residual.dtype == x.dtype
         residual = residual.contiguous()
     out = torch.empty(rows, N // 2 if glu else N, dtype=x.dtype)
-    _library().int8_linear(x.data_ptr(), rows, K, weight.data_ptr(), _ptr(scale), N,
-                           _ptr(bias), None if residual is None else residual.data_ptr(),
-                           out.data_ptr(), x.dtype == torch.bfloat16, glu,
-                           torch.get_num_threads())
-    return out
+    return x, out, residual
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
