@@ -53,7 +53,7 @@ def test_reward_model_learns_the_order_of_held_out_answers(init_run, data, tmp_p
     model, tok = tinylm.load(tmp_path / "rm")
     assert isinstance(model, RewardModel) and tok.vocab_size > 0
     meta = json.loads((tmp_path / "rm" / "model.json").read_text())
-    assert meta["family"] == "reward"
+    assert meta["family"] == "reward" and meta["config"]["readout"] == "sum"  # the default
     assert meta["config"]["std"] == pytest.approx(result["reward_std"]) and result[
         "reward_std"] > 0
     rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
@@ -84,15 +84,18 @@ def test_reward_bad_input_is_a_one_line_error(init_run, data, tmp_path, capsys, 
     assert "two differently ranked answers" in error_of(base + ["--data", str(tied)], capsys)
     assert "pass --init RUN" in error_of(["reward", "--set", "init=''", "--data", str(data),
                                           "--out", str(tmp_path / "y")], capsys)
+    assert "readout='mean'" in error_of(base + ["--data", str(data), "--set",
+                                                "readout='mean'"], capsys)
 
 
 def test_keep_best_saves_the_best_evaluation_and_freezing_keeps_lower_weights(
         init_run, data, tmp_path):
     """The saved weights are those of the evaluation with the highest held-out accuracy (the
-    loop evaluates every 5 steps), not the last step's; frozen blocks keep their SFT weights."""
+    loop evaluates every 5 steps), not the last step's; frozen blocks keep their SFT weights.
+    (Read at the end token, the other read-out, which the reloaded model keeps.)"""
     out = tmp_path / "rm"
     result = reward.run(reward_cfg(init_run, data, out, "train.eval_every=5",
-                                   "freeze_layers=1", "dropout=0.1"))
+                                   "freeze_layers=1", "dropout=0.1", "readout='end'"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     accs = [r["val_accuracy"] for r in rows if "val_accuracy" in r]
     assert len(accs) == 8 and result["val_accuracy"] == max(accs)
@@ -112,4 +115,5 @@ def test_keep_best_saves_the_best_evaluation_and_freezing_keeps_lower_weights(
     assert same(model.backbone.blocks[0], sft.blocks[0])
     assert same(model.backbone.tok_emb, sft.tok_emb)
     assert not same(model.backbone.blocks[-1], sft.blocks[-1])
-    assert json.loads((out / "model.json").read_text())["config"]["backbone"]["dropout"] == 0
+    config = json.loads((out / "model.json").read_text())["config"]
+    assert config["backbone"]["dropout"] == 0 and config["readout"] == "end"

@@ -1,12 +1,13 @@
 """Scalar heads on the GPT backbone: the reward model of RLHF (Ouyang et al. 2022, InstructGPT;
 Stiennon et al. 2020), and the per-token values PPO's critic reads from the same network.
 
-`RewardModel` is a GPT whose final hidden state at one position per sequence, the
-end-of-answer token (the chat template's end of the assistant turn), goes through a linear
-layer to one number. Read there, the score has seen the whole prompt and the whole answer
-(the backbone is causal), and an answer that never ended can be told apart by the caller, who
-knows whether the token is there. `values(idx)` gives the head at every position, which is
-what a value model initialised from the reward model needs.
+`RewardModel` is a GPT whose final hidden states go through a linear layer to one number per
+position; the reward is read at the end-of-answer token (the chat template's end of the
+assistant turn): the head there (`readout = "end"`), or the head's outputs summed up to and
+including it (`readout = "sum"`, see Choices). Read there, the score has seen the whole prompt
+and the whole answer (the backbone is causal), and an answer that never ended can be told
+apart by the caller, who knows whether the token is there. `values(idx)` gives the head at
+every position, which is what a value model initialised from the reward model needs.
 
 Choices:
 - The backbone keeps its language-model head (unused here, so its gradient is None and the
@@ -17,6 +18,16 @@ Choices:
 - `mean` and `std` of the trained model's rewards (on its training answers) are part of its
   config, so whoever loads it (PPO, a judge) can normalise scores to mean 0 and std 1 without
   the data: `normalized(r)`.
+- `readout`: "end" reads the head at the end-of-answer token alone (InstructGPT's choice);
+  "sum" adds the head's output at every position up to and including it. What the `request`
+  guidelines ask is whether a word of the prompt (a name, an object) occurs anywhere in the
+  answer: a per-token head can see that where the word is (one attention hop from the
+  answer's token to the prompt's), while a read-out at one token needs that hop and a second
+  one to gather it at the end (docs/rlhf.md: 0.715 -> 0.775 held-out accuracy on the same
+  data). The positions before the answer are the prompt's, and a causal backbone gives them
+  the same states whichever answer follows, so within a prompt they add the same constant
+  to every answer: pairwise orders are those of the answer's tokens alone, and the
+  `forward(idx, end)` call is the same for either read-out.
 """
 
 from __future__ import annotations
@@ -28,12 +39,15 @@ from torch import nn
 
 from tinylm.models.gpt import GPT, GPTConfig
 
+READOUTS = ("end", "sum")  # where the reward is read (RewardConfig.readout)
+
 
 @dataclass
 class RewardConfig:
     backbone: GPTConfig = field(default_factory=GPTConfig)
     mean: float = 0.0  # of the rewards on the training answers (set after training)
     std: float = 1.0
+    readout: str = "end"  # "end": the end-of-answer token; "sum": every position up to it
 
     @property
     def block_size(self) -> int:
@@ -42,6 +56,8 @@ class RewardConfig:
     def __post_init__(self):
         if not self.std > 0:
             raise ValueError(f"std={self.std} must be > 0")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout={self.readout!r}: use one of {', '.join(READOUTS)}")
 
 
 class RewardModel(nn.Module):
@@ -56,9 +72,9 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_gpt(cls, gpt: GPT) -> RewardModel:
+    def from_gpt(cls, gpt: GPT, readout: str = "end") -> RewardModel:
         """A reward model on `gpt`'s weights (a copy of its config; the head at zero)."""
-        model = cls(RewardConfig(backbone=gpt.config))
+        model = cls(RewardConfig(backbone=gpt.config, readout=readout))
         model.backbone.load_state_dict(gpt.state_dict())
         return model
 
@@ -69,9 +85,12 @@ class RewardModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) token ids, right-padded; end: (B,) the position of each row's
-        end-of-answer token. Returns the rewards (B,)."""
+        end-of-answer token. Returns the rewards (B,); the padding after `end` never counts."""
         v = self.values(idx)  # (B, T)
-        return v.gather(1, end.view(-1, 1)).squeeze(1)  # (B,)
+        if self.config.readout == "end":
+            return v.gather(1, end.view(-1, 1)).squeeze(1)  # (B,)
+        upto = torch.arange(idx.shape[1], device=idx.device) <= end.view(-1, 1)  # (B, T)
+        return (v * upto).sum(1)  # (B,)
 
     def normalized(self, rewards: torch.Tensor) -> torch.Tensor:
         return (rewards - self.config.mean) / self.config.std
