@@ -78,13 +78,13 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'se
        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-# Where the decode loop runs by default: 0 = a thread of the server's process, 1 = a decode
-# worker process (serve/worker.py). On the shared 2-core machine of this project, under load
-# (load average 5-9), the worker did not win at 8 clients in the same turns (lost 3 of 6 A/B
-# runs, tied 2; benchmarks/serve_load.py --workers 1,0; docs/serving.md, "The decode
-# worker"): it pays for its two extra hops with time slices the machine does not have to
-# spare, and can only gain where a core is idle. Measure there before making it 1.
-DEFAULT_WORKERS = 0
+# Where the decode loop runs by default: 1 = a decode worker process (serve/worker.py), 0 = a
+# thread of the server's process. On the idle 2-core machine the worker gave 1543 tok/s at 8
+# clients against 1285 in-process (3.31x against 2.76x transformers serve's, in the same turns:
+# benchmarks/serve_load.py --workers 1,0; docs/serving.md, "The decode worker"), because the
+# decode loop and the event loop no longer take turns on one GIL. Under heavy load from other
+# processes its two extra hops cost time slices and the two tie or the worker loses.
+DEFAULT_WORKERS = 1
 
 
 @dataclass
