@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
+# Analysis tools that read a run you name, not benchmarks that build their own.
+TOOLS = {"run_all.py", "reward_errors.py"}
 
 
 def main() -> int:
     failed = []
     for script in sorted(HERE.glob("*.py")):
-        if script.name == "run_all.py":
+        if script.name in TOOLS:
             continue
         print(f"\n## {script.stem}\n", flush=True)
         if subprocess.run([sys.executable, str(script), *sys.argv[1:]]).returncode:
