@@ -617,65 +617,38 @@ def _wake(futures: list[asyncio.Future]) -> None:
             f.set_result(None)
 
 
-def _wake_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
-    """Resolve asyncio readers' futures from another thread: one callback per event loop."""
+def wake_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
+    """Resolve asyncio readers' futures: those of the loop running here at once, those of
+    other loops (the scheduler's thread has none) with one call_soon_threadsafe per loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
     for loop, future in waiters:
         by_loop.setdefault(loop, []).append(future)
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
     for loop, futures in by_loop.items():
+        if loop is here:
+            _wake(futures)
+            continue
         try:
             loop.call_soon_threadsafe(_wake, futures)
         except RuntimeError:  # that loop is closed: nobody is waiting any more
             pass
 
 
-class Request:
-    """One submitted continuation (one of `n`), filled by the scheduler's thread.
+class EventReader:
+    """The client's side of a request's events, shared by `Request` and the decode worker's
+    proxy of it (serve/worker.py): the events are kept, so each iteration (`for e in req`
+    blocking, `async for e in req` on an event loop, or `async for events in req.chunks()`)
+    sees all of them from the start. The filler appends to `_events`, sets `_done` / `_error`
+    under `_cond`, notifies it and wakes the futures in `_async_waiters` (`wake_all`)."""
 
-    Its events are kept, so each iteration (`for e in req` blocking, `async for e in req` on
-    an event loop, without a thread per request, or `async for events in req.chunks()`: the
-    same in lists of whatever has arrived) sees all of them from the start. Ending an
-    iteration early does not cancel the request; `cancel()` does."""
-
-    def __init__(self, row: _Row, scheduler: Scheduler):
-        self._row, self._scheduler = row, scheduler
-        self.index, self.prompt_ids, self.params = row.index, row.prompt, row.params
-        self.t_submit = time.perf_counter()
-        self.t_first_token: float | None = None
-        self.t_done: float | None = None
-        self._events: list[Event] = []
-        self._done = False
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
-
-    # -- the scheduler's side --
-    def _push(self, events: list[Event], done: bool = False, error: BaseException | None = None,
-              wake: bool = True) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
-        """Add events (and the end); wakes the waiting readers, or with `wake=False` returns
-        the asyncio ones for the caller to wake together with others (`_wake_all`)."""
-        now = time.perf_counter()
-        with self._cond:
-            if events and self.t_first_token is None:
-                self.t_first_token = now
-            self._events.extend(events)
-            if done or error is not None:
-                self._done, self._error, self.t_done = True, error, now
-            self._cond.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
-        if wake:
-            _wake_all(waiters)
-        return waiters
-
-    # -- the client's side --
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def cancel(self) -> None:
-        """Leave the batch at the next step (finish_reason "cancelled")."""
-        self._row.cancelled = True
-        self._scheduler._wake()
+    _cond: threading.Condition
+    _events: list[Event]
+    _done: bool
+    _error: BaseException | None
+    _async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]
 
     def __iter__(self) -> Iterator[Event]:
         i = 0
@@ -721,6 +694,55 @@ class Request:
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._aiter()
+
+
+class Request(EventReader):
+    """One submitted continuation (one of `n`), filled by the scheduler's thread.
+
+    Its events are kept, so each iteration (`for e in req` blocking, `async for e in req` on
+    an event loop, without a thread per request, or `async for events in req.chunks()`: the
+    same in lists of whatever has arrived) sees all of them from the start. Ending an
+    iteration early does not cancel the request; `cancel()` does."""
+
+    def __init__(self, row: _Row, scheduler: Scheduler):
+        self._row, self._scheduler = row, scheduler
+        self.index, self.prompt_ids, self.params = row.index, row.prompt, row.params
+        self.t_submit = time.perf_counter()
+        self.t_first_token: float | None = None
+        self.t_done: float | None = None
+        self._events: list[Event] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+
+    # -- the scheduler's side --
+    def _push(self, events: list[Event], done: bool = False, error: BaseException | None = None,
+              wake: bool = True) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
+        """Add events (and the end); wakes the waiting readers, or with `wake=False` returns
+        the asyncio ones for the caller to wake together with others (`wake_all`)."""
+        now = time.perf_counter()
+        with self._cond:
+            if events and self.t_first_token is None:
+                self.t_first_token = now
+            self._events.extend(events)
+            if done or error is not None:
+                self._done, self._error, self.t_done = True, error, now
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        if wake:
+            wake_all(waiters)
+        return waiters
+
+    # -- the client's side --
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (finish_reason "cancelled")."""
+        self._row.cancelled = True
+        self._scheduler._wake()
 
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the end; the completion (finish_reason "stop", "length" or "cancelled").
@@ -835,7 +857,7 @@ class Scheduler:
         for key in by_row.keys() | done:
             req = self._requests.pop(key) if key in done else self._requests[key]
             waiters += req._push(by_row.get(key, []), done=key in done, wake=False)
-        _wake_all(waiters)
+        wake_all(waiters)
 
     def _fail(self, error: BaseException) -> None:
         """End every request handed to the batch so far (all but the inbox's) with `error`."""
