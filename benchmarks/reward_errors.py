@@ -5,8 +5,8 @@ whether it reads the prompt at all (its rewards for the same answers under anoth
 
     python benchmarks/reward_errors.py --run runs/rm-eng/sum-f0 --data runs/rmx/rankings.jsonl
 
-The held-out split is the reward stage's (`split_rows` with the run's val_fraction and
-split_seed), so the pairs are the ones `val_accuracy` counted.
+The held-out split is the reward stage's (the run's data.heldout file, or `split_rows` with
+its val_fraction and split_seed), so the pairs are the ones `val_accuracy` counted.
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ def main() -> None:
     model, tok = tinylm.load(args.run, family="reward")
     model.eval()
     template = rundir.chat_template(Path(args.run), required=True)
-    _, held = split_rows(read_rankings(args.data), cfg.data.val_fraction, cfg.data.split_seed)
+    if cfg.data.heldout:  # a held-out file of its own (data.heldout)
+        held = read_rankings(cfg.data.heldout)
+    else:
+        _, held = split_rows(read_rankings(args.data), cfg.data.val_fraction,
+                             cfg.data.split_seed)
     by_kind, wrong, by_tokens, wrong_tokens = Counter(), Counter(), Counter(), Counter()
     own, other, gold_own, gold_other = [], [], [], []
     rng = random.Random(0)

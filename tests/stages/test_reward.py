@@ -16,6 +16,7 @@ from tinylm.feedback.io import read_rankings
 from tinylm.feedback.preferences import RankingData, reward_metrics, split_rows
 from tinylm.models.heads import RewardModel
 from tinylm.stages import reward
+from tinylm.tokenizer import Tokenizer
 
 from ..feedback.tiny import tiny_chat_run, write_rows
 
@@ -71,6 +72,28 @@ def test_the_cli_trains_from_init_and_data(init_run, data, tmp_path, capsys):
     assert "training a reward model into" in out and "held-out pairwise accuracy" in out
 
 
+def test_a_heldout_file_keeps_its_prompts_out_of_training(init_run, tmp_path):
+    """With data.heldout the held-out rankings are that file's, and every ranking of one of
+    its prompts in data.path (here a second ranking of other answers) is left out of
+    training, however many rankings are added to data.path."""
+    rows = rankings()
+    again = [{**r, "answers": [a.replace(" is ", " was ") for a in r["answers"]]}
+             for r in rows[:3]]
+    path = write_rows(tmp_path / "all.jsonl", rows + again)
+    held = write_rows(tmp_path / "held.jsonl", rows[:3])
+    cfg = reward_cfg(init_run, path, tmp_path / "rm", f"data.heldout='{held}'").data
+    tok = Tokenizer.load(init_run / rundir.TOKENIZER)
+    train_data, held_data = reward.load_rankings(cfg, tok, rundir.chat_template(init_run), 128)
+    assert (len(train_data), len(held_data)) == (len(rows) - 3, 3)
+
+    def texts(data: RankingData) -> list[str]:
+        return [tok.decode(ids) for ex in data.examples for ids, _, _ in ex]
+
+    assert all(any(f"the {a}." in t for t in texts(held_data)) for a in ANIMALS[:3])
+    assert not any(f"the {a}." in t for t in texts(train_data) for a in ANIMALS[:3])
+    assert sum(f"the {a}." in t for t in texts(train_data) for a in ANIMALS[3:]) == 9 * 3
+
+
 def test_reward_bad_input_is_a_one_line_error(init_run, data, tmp_path, capsys, error_of):
     base = ["reward", "--init", str(init_run), "--out", str(tmp_path / "x")]
     assert "no such rankings file" in error_of(base + ["--data", str(tmp_path / "no")],
@@ -117,3 +140,4 @@ def test_keep_best_saves_the_best_evaluation_and_freezing_keeps_lower_weights(
     assert not same(model.backbone.blocks[-1], sft.blocks[-1])
     config = json.loads((out / "model.json").read_text())["config"]
     assert config["backbone"]["dropout"] == 0 and config["readout"] == "end"
+

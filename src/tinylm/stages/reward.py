@@ -8,9 +8,10 @@ answer is rendered through the init run's chat template and scored at its end-of
 together in one batch element, ties skipped (train/objectives.py). A micro-batch is
 `train.batch_size` prompts, so K x batch_size sequences.
 
-Held out by prompt (data.val_fraction): pairwise accuracy (`val_accuracy`) and mean margin
-(`val_margin`) at every evaluation. After training, the mean and standard deviation of the
-rewards over the training answers go into the model's config (model.json), for normalising.
+Held out by prompt (data.val_fraction, or the rankings of data.heldout): pairwise accuracy
+(`val_accuracy`) and mean margin (`val_margin`) at every evaluation. After training, the
+mean and standard deviation of the rewards over the training answers go into the model's
+config (model.json), for normalising.
 
 Against overfitting (a few hundred prompts are learnt by heart long before the rule is):
 - `keep_best`: the weights of the evaluation with the best held-out accuracy are the ones
@@ -21,6 +22,8 @@ Against overfitting (a few hundred prompts are learnt by heart long before the r
   weights (the optimizer never sees them), so fewer weights can fit the training prompts.
 - `dropout`: dropout in the backbone while training (off at every evaluation, and saved as
   0 in model.json, since whoever loads the reward model only reads it).
+- `data.heldout`: a rankings file held out instead of a share of `data.path`, its prompts
+  removed from training, so that rankings added to `data.path` keep the held-out set.
 
 The read-out (`readout`, models/heads.py) is the head summed over every position up to the
 end-of-answer token, not the head at that token alone: on the `request` rankings the model
@@ -42,8 +45,14 @@ import torch
 from tinylm import config as configlib
 from tinylm import rundir, viz
 from tinylm.errors import UserError
-from tinylm.feedback.io import read_rankings
-from tinylm.feedback.preferences import RankingData, reward_metrics, reward_stats, split_rows
+from tinylm.feedback.io import RankingRow, read_rankings
+from tinylm.feedback.preferences import (
+    RankingData,
+    chat_key,
+    reward_metrics,
+    reward_stats,
+    split_rows,
+)
 from tinylm.models.heads import READOUTS, RewardModel
 from tinylm.stages.common import BestWeights, batch_generator, prepare_run_dir
 from tinylm.tokenizer import Tokenizer
@@ -56,6 +65,8 @@ class RankingDataConfig:
     path: str = ""  # rankings JSONL (tinylm feedback export) or TRL pairs JSONL
     val_fraction: float = 0.1  # held-out prompts
     split_seed: int = 0
+    heldout: str = ""  # rankings JSONL held out instead of a share of `path`: every prompt
+    # in it is left out of training, so rankings added to `path` keep one held-out set
     eval_batch_size: int = 8  # prompts per evaluation batch
 
 
@@ -99,11 +110,24 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
     model.config.backbone = dataclasses.replace(model.config.backbone, dropout=p)
 
 
+def split_rankings(cfg: RankingDataConfig) -> tuple[list[RankingRow], list[RankingRow]]:
+    """(train, held-out) rows of cfg.path, split by prompt; with cfg.heldout, that file's
+    rows are the held-out ones and every row of cfg.path with one of its prompts is left out."""
+    rows = read_rankings(cfg.path)
+    if not cfg.heldout:
+        return split_rows(rows, cfg.val_fraction, cfg.split_seed)
+    held_rows = read_rankings(cfg.heldout)
+    held_keys = {chat_key(r.messages) for r in held_rows}
+    return [r for r in rows if chat_key(r.messages) not in held_keys], held_rows
+
+
 def load_rankings(cfg: RankingDataConfig, tok: Tokenizer, template: str, block_size: int
                   ) -> tuple[RankingData, RankingData]:
-    """(train, held-out) RankingData from cfg.path, split by prompt."""
-    rows = read_rankings(cfg.path)
-    train_rows, held_rows = split_rows(rows, cfg.val_fraction, cfg.split_seed)
+    """(train, held-out) RankingData of `split_rankings`."""
+    train_rows, held_rows = split_rankings(cfg)
+    if cfg.heldout:
+        print(f"reward: held out the {len(held_rows)} rankings of {cfg.heldout}; "
+              f"{len(train_rows)} of {cfg.path} train")
     data = RankingData(train_rows, tok, template, block_size)
     held = RankingData(held_rows, tok, template, block_size)
     if not len(data):
