@@ -124,3 +124,18 @@ def test_the_cli_runs_ppo_and_bad_input_is_one_line(runs, tmp_path, capsys, erro
     assert "does not split into minibatches" in error_of(bad + ["--set",
                                                                "train.batch_size=3"], capsys)
     assert "needs a reward model" in error_of(bad + ["--set", "reward=''"], capsys)
+
+
+def test_the_reward_callable_reads_rollouts_as_the_reward_model_does(runs):
+    """PPO scores rollouts through the reward backbone's inference twin (infer/fast.py): the
+    rewards equal the reward model's own forward, padding after an answer changing none."""
+    chat_run, rm, _ = runs
+    model, tok = tinylm.load(rm, family="reward")
+    score = ppo_stage.reward_fn(model, tok.pad_id, torch.device("cpu"))
+    prompts = [tok.encode("Tell me a story about Tom."), tok.encode("Hi")]
+    answers = [tok.encode("Tom had a ball."), tok.encode("No.")]
+    got = score(prompts, answers)  # (2,)
+    want = torch.stack([model.normalized(model(torch.tensor([p + a]), torch.tensor([len(p + a)
+                                                                                   - 1])))[0]
+                        for p, a in zip(prompts, answers)])
+    assert got.shape == (2,) and torch.allclose(got, want, atol=1e-4)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tinylm.infer.engine import Engine
+from tinylm.infer.fast import FastGPT
 from tinylm.models.gpt import GPT, GPTConfig
 from tinylm.models.heads import RewardConfig, RewardModel
 from tinylm.train import ppo
@@ -122,14 +123,62 @@ def test_rollout_pads_after_the_end_and_keeps_the_engine_logprobs():
         assert ro.ids[i, s : s + n].tolist() == c.token_ids
         assert (ro.ids[i, s + n :] == PAD).all() and (ro.logprobs[i, n:] == 0).all()
     # the training forward gives the engine's logprobs (so the rollout's can be used as old)
-    logp, _ = ppo.answer_logprobs(model, ro.ids, ro.start, ro.mask.shape[1], 1.0)
+    logp, _ = ppo.answer_logprobs(model, ro.ids, ro.start, ro.mask, 1.0)
     assert torch.allclose(logp * ro.mask, ro.logprobs, atol=1e-4)
     # padding never changes a real token's logprob (right padding, causal model)
     other = ro.ids.clone()
     ends = ro.start + ro.mask.sum(1).long()  # (N,) where each row's padding begins
     other[torch.arange(other.shape[1]) >= ends[:, None]] = 5
-    again, _ = ppo.answer_logprobs(model, other, ro.start, ro.mask.shape[1], 1.0)
+    again, _ = ppo.answer_logprobs(model, other, ro.start, ro.mask, 1.0)
     assert torch.allclose(again * ro.mask, logp * ro.mask, atol=1e-5)
+
+
+class Wrapped(torch.nn.Module):
+    """A module whose forward is all it offers, as a DDP or compiled wrapper of a GPT."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(ids)
+
+
+def full_softmax_logprobs(model: GPT, ro: ppo.Rollout, temperature: float):
+    """The textbook way: every position's log-softmax, then the answer tokens' entries."""
+    pred, tok = ppo.answer_positions(ro.start, ro.mask.shape[1], ro.ids.shape[1])
+    logp_all = (model(ro.ids) / temperature).log_softmax(-1)  # (N, L, V)
+    logp_all = logp_all.gather(1, pred[..., None].expand(-1, -1, V))  # (N, R, V)
+    logp = logp_all.gather(-1, ro.ids.gather(1, tok)[..., None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp * ro.mask, entropy * ro.mask
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_answer_logprobs_on_the_answer_tokens_equal_the_full_softmax(temperature):
+    """The head runs on the answer tokens only (GPT, its FastGPT twin, or any wrapper's full
+    logits): the same logprobs, entropies and gradients as the full log-softmax."""
+    model = tiny_gpt()
+    cfg = ppo.PPOConfig(k=3, prompts_per_step=4, max_new_tokens=6)
+    ro = ppo.rollout(Engine(model), PROMPTS, [0, 1, 2, 3], cfg, END, PAD, seed=3)
+    want, want_h = full_softmax_logprobs(model, ro, temperature)
+    weights = torch.randn(ro.mask.shape)  # any loss of the logprobs
+
+    def grads(logp):
+        model.zero_grad()
+        (logp * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want_grads = grads(want)
+    twin = ppo.inference_twin(model)
+    assert isinstance(twin, FastGPT) and ppo.inference_twin(Wrapped(model)).__class__ is Wrapped
+    for m in (model, Wrapped(model), twin):
+        logp, h = ppo.answer_logprobs(m, ro.ids, ro.start, ro.mask, temperature, entropy=True)
+        assert torch.allclose(logp, want, atol=1e-5) and torch.allclose(h, want_h, atol=1e-5)
+        assert (logp[ro.mask == 0] == 0).all() and not h.requires_grad
+        if m is not twin:  # the twin has no gradient; the others the full softmax's
+            for g, w in zip(grads(logp), want_grads):
+                assert torch.allclose(g, w, atol=1e-5)
 
 
 def favoured_share(answers) -> float:

@@ -159,8 +159,9 @@ def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor | float,
     likely tokens first, then the 512, and the whole vocabulary is sorted only when needed."""
     B, V = logits.shape
     neg_inf = torch.tensor(float("-inf"), device=logits.device)
-    temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
-    logits = logits / temperature.clamp(min=1e-8).reshape(-1, 1)
+    if not (isinstance(temperature, float) and temperature == 1.0):  # x / 1 is x: skip a pass
+        temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+        logits = logits / temperature.clamp(min=1e-8).reshape(-1, 1)
     top_k = torch.as_tensor(top_k, device=logits.device).expand(B)
     if bool((top_k > 0).any()):
         k = torch.where(top_k > 0, top_k, 1).clamp(max=V)  # (B,)
@@ -332,6 +333,7 @@ class _Settings:
     def __init__(self, rows: list[_Row], V: int, device: torch.device):
         ps = [r.params for r in rows]
         self.any_sampled = any(not p.greedy for p in ps)
+        self.all_sampled = not any(p.greedy for p in ps)  # then no argmax is needed
         self.penalized = any(p.penalized for p in ps)
         self.want_logprobs = any(p.logprobs or p.top_logprobs for p in ps)
         self.top_n = max(p.top_logprobs for p in ps)
@@ -340,7 +342,9 @@ class _Settings:
             return torch.tensor(values, dtype=dtype, device=device)
 
         self.greedy = col([p.greedy for p in ps], torch.bool)
-        self.temperature = col([p.temperature for p in ps])[:, None]
+        # A float where every row samples at 1 (PPO's rollouts): sampling_probs skips dividing.
+        self.temperature = (1.0 if all(p.temperature == 1.0 for p in ps)
+                            else col([p.temperature for p in ps])[:, None])
         self.top_k = col([p.top_k for p in ps], torch.long)
         self.top_p = col([p.top_p for p in ps])[:, None]
         self.bias = bias_rows(ps, V, device)
@@ -364,16 +368,19 @@ class _Settings:
         if self.penalized:
             logits = apply_penalties(logits, self.seen, self.counts, self.repetition,
                                      self.frequency, self.presence)
-        nxt = logits.argmax(-1)
+        nxt = None if self.all_sampled else logits.argmax(-1)
         if self.any_sampled:
             probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)
             # One uniform per row: from the row's own generator when it has a seed (so its
             # text does not depend on its batch mates), else from the global RNG.
             u = torch.rand(len(rows), device=logits.device)
-            for i, r in enumerate(rows):
-                if r.gen is not None:
-                    u[i] = torch.rand(1, generator=r.gen).item()
-            nxt = torch.where(self.greedy, nxt, sample_from(probs, u))
+            own = [(i, torch.rand(1, generator=r.gen).item()) for i, r in enumerate(rows)
+                   if r.gen is not None]
+            if own:  # one write, not one per row
+                at, vals = zip(*own)
+                u[list(at)] = torch.tensor(vals, dtype=u.dtype, device=u.device)
+            drawn = sample_from(probs, u)
+            nxt = drawn if nxt is None else torch.where(self.greedy, nxt, drawn)
         if self.penalized:
             self.seen.scatter_(1, nxt[:, None], True)
             self.counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None],

@@ -86,10 +86,15 @@ class RewardModel(nn.Module):
     def forward(self, idx: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) token ids, right-padded; end: (B,) the position of each row's
         end-of-answer token. Returns the rewards (B,); the padding after `end` never counts."""
-        v = self.values(idx)  # (B, T)
+        return self.read(self.backbone.hidden_states(idx), end)
+
+    def read(self, h: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """The rewards (B,) from the backbone's hidden states h (B, T, C), however they were
+        computed (PPO scores rollouts through the backbone's inference twin, infer/fast.py)."""
+        v = self.head(h).squeeze(-1).float()  # (B, T)
         if self.config.readout == "end":
             return v.gather(1, end.view(-1, 1)).squeeze(1)  # (B,)
-        upto = torch.arange(idx.shape[1], device=idx.device) <= end.view(-1, 1)  # (B, T)
+        upto = torch.arange(h.shape[1], device=h.device) <= end.view(-1, 1)  # (B, T)
         return (v * upto).sum(1)  # (B,)
 
     def normalized(self, rewards: torch.Tensor) -> torch.Tensor:

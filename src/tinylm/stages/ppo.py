@@ -70,13 +70,15 @@ def reward_fn(model: RewardModel, pad_id: int, device: torch.device) -> ppo.Rewa
     the model was trained to read), normalised by the mean and spread the reward stage
     recorded, so ppo.missing_eos_penalty and ppo.kl_coef are in units of its spread."""
     model.eval().requires_grad_(False).to(device)
+    trunk = ppo.inference_twin(model.backbone)  # frozen: one twin for the whole run
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(prompts, answers) -> torch.Tensor:
         seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
         ids = ppo.pad_rows(seqs, max(map(len, seqs)), pad_id, torch.long).to(device)
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        return model.normalized(model(ids, last)).float().cpu()  # (N,)
+        h = ppo.hidden_states(trunk, ids)  # (N, L, C)
+        return model.normalized(model.read(h, last)).float().cpu()  # (N,)
 
     return score
 

@@ -27,7 +27,16 @@ Where this departs from the textbook algorithm, and why:
   Everything after the last real token is padding: zero reward, zero value, no loss.
 - The behaviour policy's logprobs come from the engine (at temperature 1 they are the model's
   own distribution, so no extra forward pass); at another temperature the policy is defined as
-  the tempered distribution (logits / T, as TRL does) and its logprobs are recomputed.
+  the tempered distribution (logits / T, as TRL does) and its logprobs are recomputed. With
+  one epoch of one minibatch they are also the "old" logprobs of the ratio, which is then 1
+  up to float rounding (TRL's num_iterations=1 takes the update's own, detached: the same
+  gradient), so no pass is spent on them either way.
+- The reference's logprobs (and, at a temperature other than 1, the policy's before the
+  update) are read through the FastGPT twin (infer/fast.py), the inference code the engine's
+  logprobs come from, so both sides of the KL are read alike; the frozen reference's twin is
+  built once. Every logprob is computed on the answer tokens only: the trunk runs on the whole
+  row, the head and the logsumexp only where an answer token is predicted (never on the
+  prompt or the padding, and no (N, L, V) log-softmax is made).
 - The value model is a network of its own (the reward model's backbone and head, trained per
   token), with its own optimizer: no shared trunk, so there is no value-loss weight (vf_coef).
 - GAE's advantages are whitened once per rollout, over all its real tokens, not per
@@ -58,6 +67,8 @@ from tqdm import tqdm
 
 from tinylm.errors import UserError
 from tinylm.infer.engine import Completion, Engine, SamplingParams
+from tinylm.infer.fast import FastGPT
+from tinylm.models.gpt import GPT
 from tinylm.rundir import save_model
 from tinylm.train import checkpoint
 from tinylm.train.loop import MetricsLog, Setup, TrainConfig, optimizer_step, setup
@@ -277,18 +288,65 @@ def answer_positions(start: torch.Tensor, R: int, L: int) -> tuple[torch.Tensor,
     return (tokens - 1).clamp(min=0), tokens
 
 
-def answer_logprobs(model: nn.Module, ids: torch.Tensor, start: torch.Tensor, R: int,
-                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprob of each answer token, entropy of the distribution it was drawn from), both
-    (N, R), under `model`'s distribution at `temperature`."""
-    logits = model(ids)  # (N, L, V)
-    pred, tok = answer_positions(start, R, ids.shape[1])
-    V = logits.shape[-1]
-    logits = logits.gather(1, pred[..., None].expand(-1, -1, V)).float() / temperature
-    logp_all = logits.log_softmax(-1)  # (N, R, V)
-    logp = logp_all.gather(-1, ids.gather(1, tok)[..., None])[..., 0]  # (N, R)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+def answer_tokens(start: torch.Tensor, mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real answer tokens of a (N, R) mask as flat indices (n,): the row, the answer
+    position j, and the token's position start + j in the row's ids."""
+    rows, j = mask.nonzero(as_tuple=True)
+    return rows, j, start[rows] + j
+
+
+def predicting_logits(model: nn.Module | FastGPT, ids: torch.Tensor, rows: torch.Tensor,
+                      pos: torch.Tensor) -> torch.Tensor:
+    """(n, V) logits at positions (rows, pos) of `ids` (N, L): the trunk runs on every
+    position, the head only on these. A GPT (or its FastGPT twin) is cut between the two; any
+    other module (a DDP or compiled wrapper, whose own forward must run) gives all its logits
+    and the rows are picked from them."""
+    if isinstance(model, (FastGPT, GPT)):
+        return model.logits(hidden_states(model, ids)[rows, pos])
+    return model(ids)[rows, pos]  # (n, V) of (N, L, V)
+
+
+def hidden_states(model: GPT | FastGPT, ids: torch.Tensor) -> torch.Tensor:
+    """The last block's normed output (N, L, C) for a full batch of ids (N, L), from a GPT or
+    its FastGPT twin (which takes a fresh cache to fill)."""
+    if isinstance(model, FastGPT):
+        return model.hidden_states(ids, model.new_cache(*ids.shape))
+    return model.hidden_states(ids)
+
+
+def answer_logprobs(model: nn.Module | FastGPT, ids: torch.Tensor, start: torch.Tensor,
+                    mask: torch.Tensor, temperature: float, entropy: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logprob of each answer token, entropy of the distribution it was drawn from, when
+    asked, no gradient), both (N, R) and 0 off the answers, under `model`'s distribution at
+    `temperature`. The head and the softmax run on the real answer tokens only: not on the
+    prompt or the padding (a third of a GRPO rollout's positions), and no (N, L, V) or
+    log-softmax tensor is made: logp = logit of the token - logsumexp."""
+    rows, j, tok = answer_tokens(start, mask)
+    logits = predicting_logits(model, ids, rows, tok - 1).float()  # (n, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(-1)  # (n,)
+    logp = logits.gather(-1, ids[rows, tok][:, None])[:, 0] - lse  # (n,)
+    out = logp.new_zeros(mask.shape).index_put((rows, j), logp)  # (N, R)
+    ent = None
+    if entropy:
+        with torch.no_grad():  # H = lse - sum p * logit
+            h = lse - ((logits - lse[:, None]).exp() * logits).sum(-1)  # (n,)
+            ent = h.new_zeros(mask.shape).index_put((rows, j), h)
+    return out, ent
+
+
+def inference_twin(model: nn.Module) -> FastGPT | nn.Module:
+    """The model's FastGPT twin (infer/fast.py: fused q/k/v, packed fp32 weights), which reads
+    a no-grad batch faster than the training modules and is the code the engine's logprobs
+    come from, so both sides of the KL are read alike; the model itself where FastGPT does
+    not implement its config. The twin copies the weights: a frozen model's lasts the run."""
+    try:
+        return FastGPT(model)
+    except UserError:
+        return model
 
 
 def answer_values(value_model: nn.Module, ids: torch.Tensor, start: torch.Tensor,
@@ -386,6 +444,7 @@ class PPOTrainer:
             self.val = setup(models.value, vcfg, self.run_dir / "value", resume)
             self.vcfg = vcfg
         models.ref.to(self.pol.device)
+        self.ref_net = inference_twin(models.ref)  # frozen: one twin for the whole run
         self.tokenizer = tokenizer
         self.kl = KLController(cfg, self.pol.resumed.get("kl_coef"))
         self.step = int(self.pol.resumed.get("step", 0))
@@ -414,14 +473,14 @@ class PPOTrainer:
         per-token KL and the reward model's scores (raw, and less the missing-end penalty)."""
         d, c = self.pol.device, self.cfg
         ids, start, mask = ro.ids.to(d), ro.start.to(d), ro.mask.to(d)
-        R = mask.shape[1]
-        with self.pol.autocast:
+        with torch.inference_mode():
             if c.temperature == 1.0:
                 logp = ro.logprobs.to(d)
-            else:
-                logp = answer_logprobs(self.pol.model, ids, start, R, c.temperature)[0]
-            ref_logp = answer_logprobs(self.models.ref, ids, start, R, c.temperature)[0]
-        logp, ref_logp = logp * mask, ref_logp * mask
+            else:  # the current weights' twin, as the engine sampled from
+                logp = answer_logprobs(inference_twin(self.pol.raw), ids, start, mask,
+                                       c.temperature)[0]
+            ref_logp = answer_logprobs(self.ref_net, ids, start, mask, c.temperature)[0]
+        logp, ref_logp = logp.clone() * mask, ref_logp.clone() * mask  # out of inference mode
         kl = kl_estimate(logp, ref_logp, c.kl_estimator) * mask  # (N, R)
         raw = self.models.reward([cm.prompt_ids for cm in ro.completions],
                                  [cm.token_ids for cm in ro.completions]).float().to(d)
@@ -453,12 +512,13 @@ class PPOTrainer:
 
         def objective(model: nn.Module, batch: tuple[torch.Tensor, ...]):
             ids, start, mask, old_logp, adv = batch[:5]
-            logp, entropy = answer_logprobs(model, ids, start, mask.shape[1], c.temperature)
+            logp, entropy = answer_logprobs(model, ids, start, mask, c.temperature,
+                                            entropy=True)
             loss, st = policy_loss(logp, old_logp, adv, mask, c.cliprange)
             _add(stats, "policy/clipfrac_avg", st["clipfrac"])
             _add(stats, "policy/approxkl_avg", st["approxkl"])
             _add(stats, "val/ratio", st["ratio"])
-            _add(stats, "policy/entropy_avg", masked_mean(entropy.detach(), mask))
+            _add(stats, "policy/entropy_avg", masked_mean(entropy, mask))
             _add(stats, "loss/policy_avg", loss.detach())
             if c.ptx_coef > 0:
                 x, y = batch[7:9]
