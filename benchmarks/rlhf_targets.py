@@ -15,11 +15,20 @@ most 10 minutes on the 2-core CPU).
 
     python benchmarks/rlhf_targets.py [--sft runs/sft-timed2] [--prompts N] [--skip-dpo]
         [--skip-sentiment] [--out runs/quality-bench] [--quick]
+        [--ppo RUN] [--dpo RUN] [--samples 4] [--temperature 1]
 
-The win rates are those of `tinylm eval winrate` (eval/winrate.py: greedy answers, ties count
-half); the table also gives the ceiling: the win rate of a policy that wins every prompt the
-SFT run does not already answer perfectly and ties the rest, which is what a
-`request`-judged target can reach at most.
+`--ppo RUN` / `--dpo RUN` judge policies already trained (e.g. from configs/ppo-request.toml
+and configs/dpo-request.toml) instead of training them here; with both, nothing is collected.
+
+The win rates are those of `tinylm eval winrate` (eval/winrate.py, ties count half), each
+request win rate twice: greedy (what `tinylm chat --temperature 0` shows) and sampled
+(`--samples` answers per prompt per side at `--temperature`, sample j of the policy against
+sample j of the SFT run: the distribution PPO optimises), with its standard error over
+prompts. Beside each stands its ceiling: the win rate of a policy that wins every pair the
+SFT answer does not already score perfectly and ties the rest. Greedy SFT answers score the
+top mark on most held-out requests, so the greedy ceiling is below the issue's targets
+(docs/rlhf.md); the sampled SFT answers leave room. The KL is `eval winrate`'s: the policy's
+own samples, on the held-out prompts, against the SFT run.
 """
 
 from __future__ import annotations
@@ -56,20 +65,48 @@ class Timer:
         return sum(t for n, t in self.rows if n in names)
 
 
-def judged(a: str, b: str, prompts: str, judges: list[str], limit: int = 0) -> dict:
-    """Greedy answers of a and b (eval/winrate.py's), scored by every judge: per judge the
-    win/tie/loss of `eval winrate`, and the per-prompt scores for agreement checks."""
+def judged(a: str, b: str, prompts: str, judges: list[str], limit: int = 0,
+           temperature: float = 0.0, samples: int = 1) -> dict:
+    """Answers of a and b (eval/winrate.py's: greedy, or `samples` per prompt per side at
+    `temperature`), scored by every judge: per judge the win/tie/loss of `eval winrate`, its
+    standard error over prompts, and the per-answer scores for ceilings and agreement checks."""
     rows = fc.read_prompts(prompts, keep=lambda r: labelers.get(judges[0]).can_judge(r.row),
                            limit=limit)
-    got = {side: wr.answers(run, rows) for side, run in (("a", a), ("b", b))}
-    out = {}
+    n = len(rows) * samples  # B's seeds follow A's: independent draws, as eval winrate's
+    got = {side: wr.answers(run, rows, temperature=temperature, seed=k * n, samples=samples)
+           for k, (side, run) in enumerate((("a", a), ("b", b)))}
+    out = {"rows": rows}
     for j in judges:
         lab = labelers.get(j)
-        sa = [lab.score(x, r.row) for x, r in zip(got["a"], rows)]
-        sb = [lab.score(x, r.row) for x, r in zip(got["b"], rows)]
-        out[j] = wr.compare(sa, sb, lab.resolution) | {"scores_a": sa, "scores_b": sb,
-                                                       "resolution": lab.resolution}
+        sa, sb = ([lab.score(x, rows[n // samples].row) for n, x in enumerate(got[side])]
+                  for side in ("a", "b"))
+        out[j] = wr.compare(sa, sb, lab.resolution) | {
+            "win_rate_se": wr.win_rate_se(sa, sb, lab.resolution, samples),
+            "scores_a": sa, "scores_b": sb, "resolution": lab.resolution}
     return out
+
+
+def request_rows(t: Timer, name: str, policy: str, sft: str, limit: int, samples: int,
+                 temperature: float, target: float) -> list[tuple]:
+    """The targets-table rows of one policy by the `request` labeler: greedy and sampled win
+    rates against the SFT run, each beside its ceiling, the mean scores, and the KL."""
+    rows = []
+    for how, temp, n in (("greedy", 0.0, 1), (f"T={temperature:g}, {samples} samples", temperature,
+                                              samples)):
+        j = t(f"eval-{name.lower()}-{'greedy' if n == 1 else 'sampled'}", judged, policy, sft,
+              HELDOUT, ["request"], limit, temp, n)
+        req = j["request"]
+        top = ceiling(req["scores_b"], 5.0)
+        pairs = len(req["scores_a"])
+        rows.append((f"{name} vs SFT win rate (request, {how}; {req['win']}/{req['tie']}/"
+                     f"{req['loss']} of {pairs}, +-{req['win_rate_se']:.3f}; ceiling {top:.3f})",
+                     req["win_rate"], f">= {target:.2f}", req["win_rate"] >= target))
+        rows.append((f"{name} mean request score ({how})", sum(req["scores_a"]) / pairs,
+                     f"SFT {sum(req['scores_b']) / pairs:.3f}", None))
+    kl = t(f"kl-{name.lower()}", wr.mean_kl, policy, sft, j["rows"], 2)
+    rows.append((f"{name} mean KL to the SFT run (eval winrate, nats per answer)", kl,
+                 "reported", None))
+    return rows
 
 
 def ceiling(sft_scores: list[float], top: float) -> float:
@@ -110,6 +147,12 @@ def main() -> None:
     ap.add_argument("--skip-dpo", action="store_true")
     ap.add_argument("--skip-sentiment", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny everything")
+    ap.add_argument("--ppo", default="", help="judge this PPO run instead of training one")
+    ap.add_argument("--dpo", default="", help="judge this DPO run instead of training one")
+    ap.add_argument("--samples", type=int, default=4,
+                    help="sampled win rate: answers per prompt per side (default 4)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="sampled win rate: temperature (default 1, what PPO optimises)")
     args = ap.parse_args()
     out, sft, t = Path(args.out), args.sft, Timer()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,35 +160,46 @@ def main() -> None:
     small_ppo = small + ["data.eval_prompts=4", "ppo.prompts_per_step=2",
                          "ppo.max_new_tokens=32"] if args.quick else []
     limit = 16 if args.quick else args.prompts
+    evals = 8 if args.quick else 0
+    samples = 2 if args.quick else args.samples
     db = args.db or str(out / "feedback.db")
-    if not args.db:
-        t("collect", fc.collect, sft, TRAIN, k=4, labeler="request", db=db, limit=limit,
-          cfg=fc.CollectConfig(seed=1))
-    store = Store(db)
-    t("export", export, store, out / "request.jsonl", "rankings", "request")
-    rm = t("reward", reward.run, load(reward.RewardStageConfig, "reward-tinystories", [
-        f"init='{sft}'", f"data.path='{out / 'request.jsonl'}'", f"out='{out / 'reward'}'",
-        *small]))
-    pp = t("ppo", ppo.run, load(ppo.PPOStageConfig, "ppo-tinystories", [
-        f"init='{sft}'", f"reward='{out / 'reward'}'", f"out='{out / 'ppo'}'",
-        f"data.prompts='{TRAIN}'", *small_ppo]))
-    w_ppo = t("eval", judged, str(out / "ppo"), sft, HELDOUT, ["request"], 8 if args.quick else 0)
-    table = [("reward held-out pairwise accuracy (request)", rm.get("val_accuracy", float("nan")),
-              ">= 0.80", rm.get("val_accuracy", 0) >= 0.80)]
-    req = w_ppo["request"]
-    top = ceiling(req["scores_b"], 5.0)
-    table.append((f"PPO vs SFT win rate (request), ceiling {top:.3f}", req["win_rate"],
-                  ">= 0.70", req["win_rate"] >= 0.70))
-    table.append(("PPO mean KL to the reference (eval/kl, nats per answer)",
-                  pp.get("eval/kl", float("nan")), "reported", True))
-    if not args.skip_dpo:
-        t("dpo", dpo.run, load(dpo.DPOConfig, "dpo-tinystories", [
-            f"init='{sft}'", f"data.path='{out / 'request.jsonl'}'", f"out='{out / 'dpo'}'",
+    table = []
+    train_request = not args.ppo or not (args.dpo or args.skip_dpo)
+    store = None  # the rankings: for training here, and for the sentiment relabelling
+    if train_request or not args.skip_sentiment:
+        if not args.db:
+            t("collect", fc.collect, sft, TRAIN, k=4, labeler="request", db=db, limit=limit,
+              cfg=fc.CollectConfig(seed=1))
+        store = Store(db)
+    if train_request:
+        t("export", export, store, out / "request.jsonl", "rankings", "request")
+    pp: dict = {}
+    if args.ppo:
+        ppo_run = args.ppo
+    else:
+        rm = t("reward", reward.run, load(reward.RewardStageConfig, "reward-tinystories", [
+            f"init='{sft}'", f"data.path='{out / 'request.jsonl'}'", f"out='{out / 'reward'}'",
             *small]))
-        w_dpo = t("eval-dpo", judged, str(out / "dpo"), sft, HELDOUT, ["request"],
-                  8 if args.quick else 0)["request"]
-        table.append(("DPO vs SFT win rate (request)", w_dpo["win_rate"], ">= 0.65",
-                      w_dpo["win_rate"] >= 0.65))
+        table.append(("reward held-out pairwise accuracy (request)",
+                      rm.get("val_accuracy", float("nan")), ">= 0.80",
+                      rm.get("val_accuracy", 0) >= 0.80))
+        pp = t("ppo", ppo.run, load(ppo.PPOStageConfig, "ppo-tinystories", [
+            f"init='{sft}'", f"reward='{out / 'reward'}'", f"out='{out / 'ppo'}'",
+            f"data.prompts='{TRAIN}'", *small_ppo]))
+        ppo_run = str(out / "ppo")
+    table += request_rows(t, "PPO", ppo_run, sft, evals, samples, args.temperature, 0.70)
+    if pp:
+        table.append(("PPO eval/kl at the end of training (nats per answer)",
+                      pp.get("eval/kl", float("nan")), "reported", None))
+    if not args.skip_dpo:
+        if args.dpo:
+            dpo_run = args.dpo
+        else:
+            t("dpo", dpo.run, load(dpo.DPOConfig, "dpo-tinystories", [
+                f"init='{sft}'", f"data.path='{out / 'request.jsonl'}'", f"out='{out / 'dpo'}'",
+                *small]))
+            dpo_run = str(out / "dpo")
+        table += request_rows(t, "DPO", dpo_run, sft, evals, samples, args.temperature, 0.65)
     if not args.skip_sentiment:
         t("relabel", fc.relabel, db, "sentiment", "request")
         t("export-s", export, store, out / "sentiment.jsonl", "rankings", "sentiment")
@@ -156,27 +210,30 @@ def main() -> None:
             f"init='{sft}'", f"reward='{out / 'reward-s'}'", f"out='{out / 'ppo-s'}'",
             f"data.prompts='{TRAIN}'", *small_ppo]))
         js = t("eval-s", judged, str(out / "ppo-s"), sft, HELDOUT, ["sentiment", "textblob"],
-               8 if args.quick else 0)
+               evals)
         ag = agreement(js["sentiment"], js["textblob"])
         table += [
             ("sentiment reward held-out pairwise accuracy", rs.get("val_accuracy", float("nan")),
-             "reported", True),
+             "reported", None),
             ("sentiment PPO vs SFT win rate (VADER)", js["sentiment"]["win_rate"], ">= 0.70",
              js["sentiment"]["win_rate"] >= 0.70),
             (f"TextBlob prefers PPO, of the {ag['untied']} pairs it does not tie",
              ag["prefers_a"], ">= 0.60", ag["prefers_a"] >= 0.60),
             (f"TextBlob and VADER pick the same side, of {ag['both']} pairs neither ties",
-             ag["same_side"], "reported", True)]
-    store.engine.dispose()
-    one_round = t.total("collect", "export", "reward", "ppo", "eval")
-    table.append(("one round: collect + reward + PPO + evaluation (s)", one_round, "<= 600",
-                  one_round <= 600))
+             ag["same_side"], "reported", None)]
+    if store is not None:
+        store.engine.dispose()
+    if not args.ppo:
+        one_round = t.total("collect", "export", "reward", "ppo", "eval-ppo-greedy")
+        table.append(("one round: collect + reward + PPO + greedy evaluation (s)", one_round,
+                      "<= 600", one_round <= 600))
     print("\n| stage | seconds |\n|---|---|")
     for name, sec in t.rows:
         print(f"| {name} | {sec:.0f} |")
     print("\n| target | value | target | met |\n|---|---|---|---|")
     for name, value, target, met in table:
-        print(f"| {name} | {value:.3f} | {target} | {'yes' if met else 'no'} |")
+        print(f"| {name} | {value:.3f} | {target} | "
+              f"{'-' if met is None else 'yes' if met else 'no'} |")
     (out / "targets.json").write_text(json.dumps({"stages": t.rows, "table": table}, indent=1))
 
 

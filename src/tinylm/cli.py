@@ -392,7 +392,8 @@ def cmd_eval_winrate(args: argparse.Namespace) -> None:
 
     result = winrate(args.a, args.b, args.judge, args.prompts, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     seed=args.seed, ref=args.ref, kl_samples=args.kl_samples, also=args.also)
+                     seed=args.seed, ref=args.ref, kl_samples=args.kl_samples, also=args.also,
+                     samples=args.samples)
     print(json.dumps(result))
 
 
@@ -433,6 +434,8 @@ def add_feedback_parsers(sub) -> None:
     p.add_argument("--limit", type=int, default=0, help="first N prompts (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--samples", type=int, default=1, help="answers per prompt per side, "
+                   "sample j of A against sample j of B (> 1 needs --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ref", default=None, help="the reference for A's mean KL (default: the "
                    "SFT run A was trained from by PPO/DPO, else B)")

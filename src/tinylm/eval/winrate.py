@@ -3,14 +3,26 @@
     winrate("runs/dpo", "runs/sft-tinystories", judge="request",
             prompts="runs/chat/chat-heldout.jsonl")
 
-Both runs answer every prompt through their own chat template and the one engine (greedy by
-default, so the comparison is not a coin toss of sampling). A judge scores each answer:
+Both runs answer every prompt through their own chat template and the one engine: greedy by
+default (temperature 0), or sampled, `samples` answers per prompt per side at `temperature`.
+Greedy is what a user of `tinylm chat --temperature 0` sees, but it can hide a change: when B's
+greedy answers already score the top mark, ties cap the win rate (docs/rlhf.md), while PPO
+optimises the policy's sampled answers (temperature 1), which is what sampling judges. The j-th
+sample of A to a prompt is compared with the j-th sample of B and every pair counts once. Each
+answer has its own seed and the two sides' seeds never overlap, so A's and B's answers are
+independent draws and the win rate estimates the usual P(A's answer beats B's) + P(tie) / 2
+of the two distributions. (Shared seeds, common random numbers, would tie most pairs of two
+close policies and cut the noise, but the expected outcome of a pair would then depend on how
+the engine's random numbers couple the two samplers, not on the distributions alone.) A judge
+scores each answer:
 a guideline labeler (`request`, `sentiment`, `textblob`: feedback/labelers.py) or a trained
 reward model (`reward:RUN`, its raw score at the end-of-answer token). A's answer wins when
 its score is higher; scores equal at the labeler's resolution are ties. Reported: win, tie
 and loss counts, the win rate (ties count half), mean judge score and mean length in words of
 each side, the same for any further judges (`also`: e.g. the reward model beside the gold
-labeler, or TextBlob beside VADER), and the mean KL of A to a reference.
+labeler, or TextBlob beside VADER), and the mean KL of A to a reference. With several samples
+per prompt the pairs of one prompt are not independent, so the standard error of the win rate
+(`win_rate_se`) is taken over prompts: the spread of the per-prompt win rates.
 
 KL to the reference: A samples `kl_samples` answers to every prompt at temperature 1 (the
 policy's own distribution: greedy answers are not samples of it), and for each the summed
@@ -44,17 +56,23 @@ from tinylm.infer.engine import Engine, SamplingParams
 
 
 def answers(run: str | Path, rows: list[PromptRow], max_new_tokens: int = 96,
-            temperature: float = 0.0, seed: int = 0, dtype: str | None = "auto") -> list[str]:
-    """One answer of chat run `run` to every prompt (greedy when temperature is 0)."""
+            temperature: float = 0.0, seed: int = 0, dtype: str | None = "auto",
+            samples: int = 1) -> list[str]:
+    """`samples` answers of chat run `run` to every prompt (greedy when temperature is 0),
+    prompt-major: row i's j-th answer is at i * samples + j, seeded seed + i * samples + j
+    (so the same in any batch, and calls with seeds len(rows) * samples apart never share
+    one)."""
     model, tok = tinylm.load(run, family="gpt")
     template = rundir.chat_template(Path(run), required=True)
     engine = Engine(model, tok, dtype=dtype)
     ids = [chat.render(tok, r.messages, template, add_generation_prompt=True).ids for r in rows]
     stops = turn_end_ids(tok, template)
-    params = [SamplingParams(max_new_tokens=min(max_new_tokens, engine.block_size - len(x)),
-                             temperature=temperature, seed=seed + i, stop_token_ids=stops,
-                             truncate=True) for i, x in enumerate(ids)]
-    return [c.text.strip() for c in engine.generate(ids, params)]
+    picks = [(i, j) for i in range(len(ids)) for j in range(samples)]
+    params = [SamplingParams(max_new_tokens=min(max_new_tokens, engine.block_size - len(ids[i])),
+                             temperature=temperature, seed=seed + i * samples + j,
+                             stop_token_ids=stops, truncate=True) for i, j in picks]
+    done = engine.generate([ids[i] for i, _ in picks], params)
+    return [c.text.strip() for c in done]
 
 
 def reward_judge(run: str | Path) -> Callable[[str, dict], float]:
@@ -89,6 +107,18 @@ def compare(scores_a: list[float], scores_b: list[float], resolution: float) -> 
     n = len(scores_a)
     return {"win": win, "tie": n - win - loss, "loss": loss,
             "win_rate": (win + 0.5 * (n - win - loss)) / n if n else float("nan")}
+
+
+def win_rate_se(scores_a: list[float], scores_b: list[float], resolution: float,
+                samples: int = 1) -> float:
+    """Standard error of the win rate over prompts: the pairs of one prompt (its `samples`
+    consecutive scores) are one unit, so the spread of the per-prompt win rates, over
+    sqrt(prompts), is what a fresh draw of prompts would move it by."""
+    per_prompt = [compare(scores_a[i : i + samples], scores_b[i : i + samples],
+                          resolution)["win_rate"] for i in range(0, len(scores_a), samples)]
+    if len(per_prompt) < 2:
+        return float("nan")
+    return float(torch.tensor(per_prompt, dtype=torch.float64).std() / len(per_prompt) ** 0.5)
 
 
 def is_tuned_run(run: Path) -> bool:
@@ -162,23 +192,42 @@ def mean_kl(run: str | Path, ref: str | Path, rows: list[PromptRow], samples: in
     return float(torch.cat(kls).mean()) if kls else float("nan")
 
 
-def judged(texts: dict[str, list[str]], rows: list[PromptRow], judge: str) -> dict:
-    """Win/tie/loss and mean scores of sides a and b by one judge."""
+def judged(texts: dict[str, list[str]], rows: list[PromptRow], judge: str,
+           samples: int = 1) -> dict:
+    """Win/tie/loss (pair j of a prompt: A's j-th answer against B's), its standard error over
+    prompts, and the mean scores of sides a and b by one judge; texts hold `samples`
+    answers per row, prompt-major (answers())."""
     score, resolution, _ = judge_of(judge)
-    scores = {side: [score(x, r.row) for x, r in zip(got, rows)] for side, got in texts.items()}
+    scores = {side: [score(x, rows[n // samples].row) for n, x in enumerate(got)]
+              for side, got in texts.items()}
+    n = len(scores["a"])
     return {**compare(scores["a"], scores["b"], resolution),
-            "score_a": sum(scores["a"]) / len(rows), "score_b": sum(scores["b"]) / len(rows)}
+            "win_rate_se": win_rate_se(scores["a"], scores["b"], resolution, samples),
+            "score_a": sum(scores["a"]) / n, "score_b": sum(scores["b"]) / n}
+
+
+def check_sampling(temperature: float, samples: int) -> None:
+    """Refuse sampling settings that cannot mean what they say, before any model loads."""
+    if not temperature >= 0:
+        raise UserError(f"--temperature {temperature} must be >= 0 (0 = greedy)")
+    if samples < 1:
+        raise UserError(f"--samples {samples} must be >= 1 (answers per prompt per side)")
+    if samples > 1 and temperature == 0:
+        raise UserError(f"--samples {samples} needs --temperature > 0: greedy answers are the "
+                        "same every time (e.g. --temperature 1 --samples 4)")
 
 
 def winrate(a: str | Path, b: str | Path, judge: str = "request",
             prompts: str | Path | list[PromptRow] = "runs/chat/chat-heldout.jsonl",
             limit: int = 0, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 0,
             ref: str | Path | None = None, kl_samples: int = 2,
-            also: Sequence[str] = ()) -> dict:
+            also: Sequence[str] = (), samples: int = 1) -> dict:
     """Win/tie/loss of run `a` against run `b` by `judge` on `prompts` (a JSONL path or
-    PromptRows), with mean scores and lengths, the same by every judge in `also`, and the mean
-    KL of `a` to `ref` (default: reference_of(a, b); kl_samples=0 skips it).
+    PromptRows), greedy (temperature 0) or `samples` answers per prompt per side at
+    `temperature`, with mean scores and lengths, the same by every judge in `also`, and the
+    mean KL of `a` to `ref` (default: reference_of(a, b); kl_samples=0 skips it).
     judge: request | sentiment | textblob | reward:RUN."""
+    check_sampling(temperature, samples)
     _, _, can_judge = judge_of(judge)
     if isinstance(prompts, list):
         rows = [r for r in prompts if can_judge(r.row)][: limit or None]
@@ -186,14 +235,16 @@ def winrate(a: str | Path, b: str | Path, judge: str = "request",
             raise UserError(f"none of the prompts can be judged by {judge!r}")
     else:
         rows = read_prompts(prompts, keep=lambda r: can_judge(r.row), limit=limit)
-    got = {side: answers(run, rows, max_new_tokens, temperature, seed)
-           for side, run in (("a", a), ("b", b))}
+    n = len(rows) * samples  # B's seeds follow A's: independent draws (module docstring)
+    got = {side: answers(run, rows, max_new_tokens, temperature, seed + k * n, samples=samples)
+           for k, (side, run) in enumerate((("a", a), ("b", b)))}
     out = {"a": str(a), "b": str(b), "judge": judge, "prompts": len(rows),
-           **judged(got, rows, judge)}
+           "temperature": temperature, "samples": samples, "pairs": len(got["a"]),
+           **judged(got, rows, judge, samples)}
     for side in ("a", "b"):
-        out[f"length_{side}"] = sum(len(x.split()) for x in got[side]) / len(rows)
+        out[f"length_{side}"] = sum(len(x.split()) for x in got[side]) / len(got[side])
     if also:
-        out["also"] = {j: judged(got, rows, j) for j in also}
+        out["also"] = {j: judged(got, rows, j, samples) for j in also}
     if kl_samples > 0:
         out["ref"] = str(ref) if ref else reference_of(a, b)
         out["kl"] = mean_kl(a, out["ref"], rows, kl_samples, max_new_tokens, seed)
