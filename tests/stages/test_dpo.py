@@ -13,7 +13,7 @@ from tinylm import config as configlib
 from tinylm import rundir
 from tinylm.cli import main
 from tinylm.feedback.io import read_rankings
-from tinylm.feedback.preferences import PairData, split_rows
+from tinylm.feedback.preferences import PairData, sequence_logprobs, split_rows
 from tinylm.stages import dpo
 
 from ..feedback.tiny import tiny_chat_run, write_rows
@@ -45,6 +45,29 @@ def test_held_out_loss_starts_at_log_2(init_run, data):
     with torch.no_grad():
         m = dpo.dpo_metrics(model, pairs, 4, beta=0.5)
     assert len(pairs) == 9 and m["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_a_batch_by_ranking_forwards_each_distinct_answer_once(init_run, data):
+    """B pairs drawn ranking by ranking: 7 pairs of 3-answer rankings (3 pairs each) are two
+    whole rankings and one pair of a third, 8 rows where independent pairs take 14, and every
+    pair's rows are its ranking's better and worse answers."""
+    model, tok = tinylm.load(init_run, family="gpt")
+    rows = read_rankings(data)
+    pairs = PairData(rows, tok, rundir.chat_template(init_run), model.config.block_size)
+    pairs.set_reference(model)
+    x, y, ref, chosen, rejected = pairs.batch(7, torch.Generator().manual_seed(0), True)
+    assert len(chosen) == len(rejected) == 7 and x.shape[0] == 3 + 3 + 2
+    texts = [tok.decode(y[r][y[r] != -100].tolist(), skip_special=True) for r in range(len(x))]
+    assert len(set(texts)) == len(texts)  # each answer once
+    by_text = {(row.answers[i], row.answers[j]) for row in rows for i, j in row.pairs()}
+    assert {(texts[c], texts[r]) for c, r in zip(chosen.tolist(), rejected.tolist())} <= by_text
+    with torch.no_grad():  # the reference of a row is that answer's, wherever it was computed
+        want = sequence_logprobs(model, x, y)
+    assert torch.allclose(ref, want, atol=1e-4)
+    x, y, ref, chosen, rejected = pairs.batch(30, torch.Generator().manual_seed(0))
+    texts = [tok.decode(y[r][y[r] != -100].tolist(), skip_special=True) for r in range(len(x))]
+    assert len(chosen) == 30 and len(set(texts)) == len(texts) == len(x) < 60  # independent
+    assert {(texts[c], texts[r]) for c, r in zip(chosen.tolist(), rejected.tolist())} <= by_text
 
 
 def test_dpo_prefers_the_chosen_answers_of_held_out_prompts(init_run, data, tmp_path):
@@ -90,7 +113,8 @@ def test_keep_best_saves_the_evaluation_with_the_lowest_held_out_loss(init_run, 
 def test_the_cli_runs_dpo(init_run, data, tmp_path, capsys):
     assert main(["dpo", "--init", str(init_run), "--data", str(data), "--out",
                  str(tmp_path / "d"), "--set", "train.steps=2", "--set",
-                 "train.progress=false", "--set", "data.val_fraction=0.25"]) == 0
+                 "train.progress=false", "--set", "data.val_fraction=0.25", "--set",
+                 "by_ranking=true"]) == 0
     assert "training with DPO into" in capsys.readouterr().out
 
 

@@ -80,12 +80,33 @@ def test_reward_objective_starts_at_log_2_and_reads_the_end_token():
 @torch.no_grad()
 def test_dpo_loss_at_initialisation_is_log_2():
     model = tiny_gpt()
-    x = torch.randint(0, 50, (4, 12))  # 2 chosen rows, then 2 rejected
-    y = torch.randint(0, 50, (4, 12))
+    x = torch.randint(0, 50, (3, 12))  # the 3 answers of one ranking
+    y = torch.randint(0, 50, (3, 12))
     y[:, :5] = -100  # the prompt carries no target
     ref = objectives.sequence_logprobs(model, x, y)  # the reference: the same weights
-    loss, _ = objectives.dpo(model, (x, y, ref), beta=0.1)
+    chosen, rejected = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])  # its C(3, 2) pairs
+    loss, _ = objectives.dpo(model, (x, y, ref, chosen, rejected), beta=0.1)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_on_the_distinct_answers_equals_dpo_on_both_rows_of_every_pair():
+    """Forwarding each answer once for all its pairs changes no pair's loss or gradient."""
+    model = tiny_gpt()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # not zero: a real gradient
+    x = torch.randint(0, 50, (3, 12))
+    y = torch.randint(0, 50, (3, 12))
+    y[:, :5] = -100
+    y[2, 9:] = -100  # a shorter answer: padding carries no target either
+    ref = torch.tensor([-40.0, -42.0, -39.0])
+    chosen, rejected = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    got, _ = objectives.dpo(model, (x, y, ref, chosen, rejected), beta=0.1)
+    g_got = torch.autograd.grad(got, model.lm_head.weight)[0]
+    rows = torch.cat([chosen, rejected])  # 6 rows: the chosen answers, then the rejected ones
+    want, _ = objectives.dpo(model, (x[rows], y[rows], ref[rows], torch.arange(3),
+                                     torch.arange(3, 6)), beta=0.1)
+    g_want = torch.autograd.grad(want, model.lm_head.weight)[0]
+    assert got.item() == pytest.approx(want.item(), abs=1e-6) and got.item() != math.log(2)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
 
 
 def test_dpo_loss_falls_as_the_chosen_answer_gains_probability():
@@ -95,6 +116,22 @@ def test_dpo_loss_falls_as_the_chosen_answer_gains_probability():
     assert float(margin) == pytest.approx(0.5 * (1 - (-1)))
     assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
     assert float(loss) < math.log(2)
+
+
+@torch.no_grad()
+def test_sequence_logprobs_in_length_groups_equal_one_padded_batch():
+    model = tiny_gpt()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    x = torch.randint(0, 50, (5, 12))
+    y = torch.randint(0, 50, (5, 12))
+    y[:, :3] = -100
+    for row, end in enumerate([12, 6, 9, 4, 3]):  # the last row has no target at all
+        y[row, end:] = -100
+    want = objectives.sequence_logprobs(model, x, y)
+    assert want[4] == 0 and want[:4].abs().min() > 0
+    for groups in (2, 3, 5):
+        got = objectives.sequence_logprobs(model, x, y, groups=groups)
+        assert torch.allclose(got, want, atol=1e-5), groups
 
 
 @torch.no_grad()

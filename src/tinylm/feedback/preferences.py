@@ -31,12 +31,41 @@ def ranked_pairs_mask(ranks: torch.Tensor) -> torch.Tensor:
     return above & valid[:, :, None] & valid[:, None, :]
 
 
-def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: int = 1
+                      ) -> torch.Tensor:
     """The summed log-probability of each row's targets: x, y (B, T), y = -100 off the
-    answer. Returns (B,)."""
-    logp = torch.log_softmax(model(x).float(), dim=-1)  # (B, T, V)
-    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * (y != -100)).sum(-1)  # (B,)
+    answer. Returns (B,).
+
+    `groups` > 1 sorts the rows by where their targets end and forwards them in that many
+    groups, each cut after its own last target: the model is causal, so the tokens after a
+    row's last target change none of its numbers, and a batch of rows of mixed lengths runs
+    on fewer padded positions (the time of a CPU forward is about proportional to them).
+
+    A model with `hidden_states` and `logits` (GPT) gets its head only at the target
+    positions (the answers, a fraction of the padded batch), and log p(target) as the target's
+    logit minus the logsumexp of its row: no (B, T, V) log-softmax is written. Anything else
+    (a DDP wrapper, whose forward must run for its gradient hooks) goes through forward."""
+    keep = y != -100  # (B, T)
+    if groups > 1 and x.shape[0] > 1:
+        ends = (keep * torch.arange(1, x.shape[1] + 1, device=x.device)).amax(-1)  # (B,)
+        order = ends.argsort()  # (B,)
+        parts = []
+        for g in order.tensor_split(min(groups, x.shape[0])):  # rows of similar lengths
+            t = max(int(ends[g].max()), 1)
+            parts.append(sequence_logprobs(model, x[g, :t], y[g, :t]))  # (len(g),)
+        return torch.cat(parts)[order.argsort()]  # (B,) in the rows' order
+    if not (hasattr(model, "hidden_states") and hasattr(model, "logits")):
+        logp = torch.log_softmax(model(x).float(), dim=-1)  # (B, T, V)
+        picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+        return (picked * keep).sum(-1)  # (B,)
+    if x.shape[1] > model.config.block_size:
+        raise ValueError(f"sequence of {x.shape[1]} tokens is longer than block_size="
+                         f"{model.config.block_size}")
+    logits = model.logits(model.hidden_states(x)[keep]).float()  # (N, V), N target positions
+    picked = logits.gather(-1, y[keep].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (N,)
+    rows = keep.nonzero()[:, 0]  # (N,) the row of each target
+    return torch.zeros(x.shape[0], dtype=picked.dtype, device=x.device).index_add(0, rows,
+                                                                                  picked)
 
 
 def render_answer(tok: Tokenizer, template: str, messages: list[dict], answer: str
@@ -141,28 +170,45 @@ def reward_stats(model: nn.Module, data: RankingData, batch_size: int) -> tuple[
 
 
 class PairData:
-    """Every ordered pair of every ranking as (chosen, rejected) next-token examples whose
-    targets are the answer's tokens only (-100 elsewhere), with the frozen reference's summed
-    log-probs of both once `set_reference` has run."""
+    """Every ordered pair of every ranking (ties skipped) as (chosen, rejected), kept with its
+    ranking, over the rankings' distinct answers: next-token rows whose targets are the
+    answer's tokens only (-100 elsewhere), and the frozen reference's summed log-probs of each
+    answer once `set_reference` has run.
+
+    A batch holds each of its distinct answers once. Its B pairs are drawn independently, or
+    `by_ranking` (all the pairs of randomly drawn rankings, a random part of the last one's to
+    make B): with K = 4 answers a ranking gives up to 6 pairs but only 4 rows, where B
+    independent pairs forward nearly 2B rows. The loss of a pair is the same either way; by
+    ranking, the pairs of a step come from fewer prompts (stages/dpo.py has the trade-off)."""
 
     def __init__(self, rows: list[RankingRow], tok: Tokenizer, template: str, block_size: int):
-        self.pairs: list[tuple[chat.Rendered, chat.Rendered]] = []
+        self.answers: list[chat.Rendered] = []
+        self.pairs: list[tuple[int, int]] = []  # (chosen, rejected) indices into answers
+        self.groups: list[list[int]] = []  # per ranking with a pair: indices into pairs
         self.dropped_pairs = 0
         self.pad_id = tok.pad_id
         for row in rows:
             rendered = [render_answer(tok, template, row.messages, a) for a in row.answers]
-            for i, j in row.pairs():
-                if max(len(rendered[i].ids), len(rendered[j].ids)) > block_size + 1:
-                    self.dropped_pairs += 1
-                else:
-                    self.pairs.append((rendered[i], rendered[j]))
-        self.ref: torch.Tensor | None = None  # (N, 2): chosen, rejected
+            fits = [len(r.ids) <= block_size + 1 for r in rendered]
+            kept = [(i, j) for i, j in row.pairs() if fits[i] and fits[j]]
+            self.dropped_pairs += len(row.pairs()) - len(kept)
+            if kept:
+                self._add(rendered, kept)
+        self.ref: torch.Tensor | None = None  # (A,): per answer
+
+    def _add(self, rendered: list[chat.Rendered], kept: list[tuple[int, int]]) -> None:
+        where = {}
+        for i in sorted({i for pair in kept for i in pair}):
+            where[i] = len(self.answers)
+            self.answers.append(rendered[i])
+        self.groups.append(list(range(len(self.pairs), len(self.pairs) + len(kept))))
+        self.pairs += [(where[i], where[j]) for i, j in kept]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _xy(self, rows: list[chat.Rendered]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = max(len(r.ids) for r in rows) - 1
+        T = max(len(r.ids) for r in rows) - 1  # the longest row, not block_size
         x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         y = torch.full((len(rows), T), -100, dtype=torch.long)
         for b, r in enumerate(rows):
@@ -171,33 +217,55 @@ class PairData:
             y[b, :n] = torch.tensor([t if m else -100 for t, m in zip(r.ids[1:], r.mask[1:])])
         return x, y  # (R, T) each
 
-    def collate(self, picks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x (2B, T), y (2B, T), ref (2B,)): the B chosen rows, then the B rejected rows."""
+    def collate(self, picks) -> tuple[torch.Tensor, ...]:
+        """(x (R, T), y (R, T), ref (R,), chosen (B,), rejected (B,)): the R distinct answers
+        of the B picked pairs, and each pair's two rows among them."""
         picks = list(picks)
-        x, y = self._xy([self.pairs[i][0] for i in picks] + [self.pairs[i][1] for i in picks])
         if self.ref is None:
             raise UserError("PairData.set_reference(model) must run before batches are drawn")
-        ref = torch.cat([self.ref[picks, 0], self.ref[picks, 1]])  # (2B,)
-        return x, y, ref
+        answers = sorted({a for p in picks for a in self.pairs[p]})
+        row = {a: r for r, a in enumerate(answers)}
+        x, y = self._xy([self.answers[a] for a in answers])
+        chosen = torch.tensor([row[self.pairs[p][0]] for p in picks])  # (B,)
+        rejected = torch.tensor([row[self.pairs[p][1]] for p in picks])  # (B,)
+        return x, y, self.ref[answers], chosen, rejected
 
     @torch.no_grad()
     def set_reference(self, model: nn.Module, batch_size: int = 16) -> None:
-        """Summed log-probs of every pair's answers under `model` (the frozen reference)."""
+        """Summed log-probs of every answer under `model` (the frozen reference), `2 *
+        batch_size` answers a forward, in order of length (less padding)."""
         device = next(model.parameters()).device
         was = model.training
         model.eval()
-        out = []
-        for i in range(0, len(self), batch_size):
-            picks = range(i, min(i + batch_size, len(self)))
-            x, y = self._xy([self.pairs[p][0] for p in picks] + [self.pairs[p][1] for p in picks])
-            lp = sequence_logprobs(model, x.to(device), y.to(device)).float().cpu()  # (2b,)
-            out.append(lp.view(2, -1).T)  # (b, 2)
+        order = sorted(range(len(self.answers)), key=lambda a: len(self.answers[a].ids))
+        self.ref = torch.zeros(len(self.answers))
+        for i in range(0, len(order), 2 * batch_size):
+            part = order[i : i + 2 * batch_size]
+            x, y = self._xy([self.answers[a] for a in part])
+            self.ref[part] = sequence_logprobs(model, x.to(device), y.to(device)).float().cpu()
         model.train(was)
-        self.ref = torch.cat(out) if out else torch.zeros((0, 2))
 
-    def batch(self, B: int, gen: torch.Generator):
-        return self.collate(torch.randint(len(self), (B,), generator=gen).tolist())
+    def batch(self, B: int, gen: torch.Generator, by_ranking: bool = False):
+        """B pairs drawn independently (TRL's way: nearly 2B rows); or `by_ranking`, the pairs
+        of rankings in a random order (again from the start if B is more than all of them), the
+        last ranking's cut to a random part of them."""
+        if not self.groups:
+            raise UserError("no ordered pair to draw a batch from")
+        if not by_ranking:
+            return self.collate(torch.randint(len(self), (B,), generator=gen).tolist())
+        picks: list[int] = []
+        while len(picks) < B:
+            for g in torch.randperm(len(self.groups), generator=gen).tolist():
+                group = self.groups[g]
+                if len(picks) + len(group) > B:
+                    cut = torch.randperm(len(group), generator=gen)[: B - len(picks)]
+                    group = [group[c] for c in cut.tolist()]
+                picks += group
+                if len(picks) == B:
+                    break
+        return self.collate(picks)
 
     def batches(self, B: int):
+        """Every pair once, B at a time, in order (a ranking's pairs stay together)."""
         for i in range(0, len(self), B):
             yield self.collate(range(i, min(i + B, len(self))))
