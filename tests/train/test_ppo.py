@@ -70,6 +70,9 @@ def test_group_relative_advantages_on_a_hand_case():
     # group (1, 3): mean 2, std sqrt(2); group (2, 2): no spread, no signal
     s = 1 / math.sqrt(2)
     assert torch.allclose(adv, torch.tensor([-s, s, 0.0, 0.0]), atol=1e-5)
+    # Dr. GRPO (scale=False): centred only, so a small spread gives a small advantage
+    unscaled = ppo.group_advantages(torch.tensor([1.0, 3.0, 2.0, 2.01]), k=2, scale=False)
+    assert torch.allclose(unscaled, torch.tensor([-1.0, 1.0, -0.005, 0.005]), atol=1e-5)
 
 
 def test_adaptive_kl_coefficient_moves_towards_the_target():

@@ -44,7 +44,9 @@ Where this departs from the textbook algorithm, and why:
 - Dropout is off in every model: the ratio of a network with dropout to itself is noise.
 - `advantage = "grpo"`: the group-relative baseline of Shao et al. 2024 (DeepSeekMath) instead
   of GAE. The advantage of every token of an answer is its return (score - beta * summed KL)
-  minus the mean of the returns of the K answers to the same prompt, divided by their spread.
+  minus the mean of the returns of the K answers to the same prompt, divided by their spread
+  (`scale_rewards = false`: not divided, as Liu et al. 2025, "Dr. GRPO", argue: a group whose
+  answers the judge barely tells apart would otherwise get full-size advantages from noise).
   Unlike GRPO the KL stays in the reward (as RLOO keeps it), so both estimators optimise the
   same objective; no value model is needed or trained.
 - PPO-ptx (InstructGPT): `ptx_coef * ` the next-token loss on a pre-training batch is added
@@ -89,6 +91,7 @@ class PPOConfig:
     epochs: int = 2  # passes over each rollout
     # minibatch = train.batch_size * train.grad_accum answers; one optimizer step each
     advantage: str = "gae"  # gae | grpo (group-relative baseline, no value model)
+    scale_rewards: bool = True  # grpo: divide by the group's spread (false: Dr. GRPO)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -189,11 +192,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv * mask, (adv + values) * mask
 
 
-def group_advantages(returns: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(returns: torch.Tensor, k: int, eps: float = 1e-6, scale: bool = True
+                     ) -> torch.Tensor:
     """GRPO's group-relative advantage of each answer: (R_i - mean of its group) / (std of
-    its group + eps), for returns (N,) laid out as consecutive groups of k answers."""
+    its group + eps), or without the division when not `scale`, for returns (N,) laid out as
+    consecutive groups of k answers."""
     g = returns.view(-1, k)  # (N / k, k)
-    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)
+    adv = g - g.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(1, keepdim=True) + eps)
     return adv.reshape(-1)
 
 
@@ -501,7 +508,7 @@ class PPOTrainer:
         if c.advantage == "gae":
             adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
         else:
-            adv = group_advantages(rewards.sum(1), c.k)[:, None] * mask
+            adv = group_advantages(rewards.sum(1), c.k, scale=c.scale_rewards)[:, None] * mask
             returns = torch.zeros_like(adv)
         if c.whiten_advantages and c.advantage == "gae":  # grpo's are normalised already
             adv = masked_whiten(adv, mask)
