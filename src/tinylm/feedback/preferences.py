@@ -20,6 +20,8 @@ from tinylm.data import chat
 from tinylm.data.split import held_out
 from tinylm.errors import UserError
 from tinylm.feedback.io import RankingRow
+from tinylm.infer.fast import FastGPT
+from tinylm.models.gpt import GPT
 from tinylm.tokenizer import Tokenizer
 
 
@@ -29,6 +31,28 @@ def ranked_pairs_mask(ranks: torch.Tensor) -> torch.Tensor:
     valid = ranks >= 0  # (B, K)
     above = ranks[:, :, None] < ranks[:, None, :]  # (B, K, K)
     return above & valid[:, :, None] & valid[:, None, :]
+
+
+def logits_at(model: nn.Module | FastGPT, ids: torch.Tensor, rows: torch.Tensor,
+              pos: torch.Tensor) -> torch.Tensor:
+    """(n, V) logits at positions (rows, pos) of `ids` (N, L): the trunk runs on every
+    position, the head only on these. A GPT (or its FastGPT twin) is cut between the two; any
+    other module (a DDP or compiled wrapper, whose own forward must run for its gradient
+    hooks) gives all its logits and the rows are picked from them."""
+    if isinstance(model, (FastGPT, GPT)):
+        return model.logits(hidden_states(model, ids)[rows, pos])
+    return model(ids)[rows, pos]  # (n, V) of (N, L, V)
+
+
+def hidden_states(model: GPT | FastGPT, ids: torch.Tensor) -> torch.Tensor:
+    """The last block's normed output (N, L, C) for a full batch of ids (N, L), from a GPT or
+    its FastGPT twin (which takes a fresh cache to fill)."""
+    if isinstance(model, FastGPT):
+        return model.hidden_states(ids, model.new_cache(*ids.shape))
+    if ids.shape[1] > model.config.block_size:  # what GPT.forward refuses
+        raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than block_size="
+                         f"{model.config.block_size}")
+    return model.hidden_states(ids)
 
 
 def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: int = 1
@@ -41,10 +65,9 @@ def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups
     row's last target change none of its numbers, and a batch of rows of mixed lengths runs
     on fewer padded positions (the time of a CPU forward is about proportional to them).
 
-    A model with `hidden_states` and `logits` (GPT) gets its head only at the target
-    positions (the answers, a fraction of the padded batch), and log p(target) as the target's
-    logit minus the logsumexp of its row: no (B, T, V) log-softmax is written. Anything else
-    (a DDP wrapper, whose forward must run for its gradient hooks) goes through forward."""
+    The head runs only at the target positions (`logits_at`: the answers, a fraction of the
+    padded batch), and log p(target) is the target's logit minus the logsumexp of its row: no
+    (B, T, V) log-softmax is written."""
     keep = y != -100  # (B, T)
     if groups > 1 and x.shape[0] > 1:
         ends = (keep * torch.arange(1, x.shape[1] + 1, device=x.device)).amax(-1)  # (B,)
@@ -54,16 +77,9 @@ def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups
             t = max(int(ends[g].max()), 1)
             parts.append(sequence_logprobs(model, x[g, :t], y[g, :t]))  # (len(g),)
         return torch.cat(parts)[order.argsort()]  # (B,) in the rows' order
-    if not (hasattr(model, "hidden_states") and hasattr(model, "logits")):
-        logp = torch.log_softmax(model(x).float(), dim=-1)  # (B, T, V)
-        picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-        return (picked * keep).sum(-1)  # (B,)
-    if x.shape[1] > model.config.block_size:
-        raise ValueError(f"sequence of {x.shape[1]} tokens is longer than block_size="
-                         f"{model.config.block_size}")
-    logits = model.logits(model.hidden_states(x)[keep]).float()  # (N, V), N target positions
-    picked = logits.gather(-1, y[keep].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (N,)
-    rows = keep.nonzero()[:, 0]  # (N,) the row of each target
+    rows, pos = keep.nonzero(as_tuple=True)  # (N,) each: the target positions
+    logits = logits_at(model, x, rows, pos).float()  # (N, V)
+    picked = logits.gather(-1, y[rows, pos, None])[:, 0] - logits.logsumexp(-1)  # (N,)
     return torch.zeros(x.shape[0], dtype=picked.dtype, device=x.device).index_add(0, rows,
                                                                                   picked)
 

@@ -33,6 +33,7 @@ from tinylm.data.tokens import TokenData, encode_cached
 from tinylm.errors import UserError
 from tinylm.feedback import labelers
 from tinylm.feedback.collect import read_prompts
+from tinylm.feedback.preferences import hidden_states
 from tinylm.infer.chat import turn_end_ids
 from tinylm.models.heads import RewardModel
 from tinylm.perf import pick_device
@@ -77,7 +78,7 @@ def reward_fn(model: RewardModel, pad_id: int, device: torch.device) -> ppo.Rewa
         seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
         ids = ppo.pad_rows(seqs, max(map(len, seqs)), pad_id, torch.long).to(device)
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        h = ppo.hidden_states(trunk, ids)  # (N, L, C)
+        h = hidden_states(trunk, ids)  # (N, L, C)
         return model.normalized(model.read(h, last)).float().cpu()  # (N,)
 
     return score

@@ -68,9 +68,9 @@ from torch import nn
 from tqdm import tqdm
 
 from tinylm.errors import UserError
+from tinylm.feedback.preferences import logits_at
 from tinylm.infer.engine import Completion, Engine, SamplingParams
 from tinylm.infer.fast import FastGPT
-from tinylm.models.gpt import GPT
 from tinylm.rundir import save_model
 from tinylm.train import checkpoint
 from tinylm.train.loop import MetricsLog, Setup, TrainConfig, optimizer_step, setup
@@ -303,25 +303,6 @@ def answer_tokens(start: torch.Tensor, mask: torch.Tensor
     return rows, j, start[rows] + j
 
 
-def predicting_logits(model: nn.Module | FastGPT, ids: torch.Tensor, rows: torch.Tensor,
-                      pos: torch.Tensor) -> torch.Tensor:
-    """(n, V) logits at positions (rows, pos) of `ids` (N, L): the trunk runs on every
-    position, the head only on these. A GPT (or its FastGPT twin) is cut between the two; any
-    other module (a DDP or compiled wrapper, whose own forward must run) gives all its logits
-    and the rows are picked from them."""
-    if isinstance(model, (FastGPT, GPT)):
-        return model.logits(hidden_states(model, ids)[rows, pos])
-    return model(ids)[rows, pos]  # (n, V) of (N, L, V)
-
-
-def hidden_states(model: GPT | FastGPT, ids: torch.Tensor) -> torch.Tensor:
-    """The last block's normed output (N, L, C) for a full batch of ids (N, L), from a GPT or
-    its FastGPT twin (which takes a fresh cache to fill)."""
-    if isinstance(model, FastGPT):
-        return model.hidden_states(ids, model.new_cache(*ids.shape))
-    return model.hidden_states(ids)
-
-
 def answer_logprobs(model: nn.Module | FastGPT, ids: torch.Tensor, start: torch.Tensor,
                     mask: torch.Tensor, temperature: float, entropy: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -331,7 +312,7 @@ def answer_logprobs(model: nn.Module | FastGPT, ids: torch.Tensor, start: torch.
     prompt or the padding (a third of a GRPO rollout's positions), and no (N, L, V) or
     log-softmax tensor is made: logp = logit of the token - logsumexp."""
     rows, j, tok = answer_tokens(start, mask)
-    logits = predicting_logits(model, ids, rows, tok - 1).float()  # (n, V)
+    logits = logits_at(model, ids, rows, tok - 1).float()  # (n, V)
     if temperature != 1.0:
         logits = logits / temperature
     lse = logits.logsumexp(-1)  # (n,)
