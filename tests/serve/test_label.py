@@ -173,14 +173,22 @@ def test_a_person_ranks_four_answers_by_drag_and_keyboard(labeled, page):
 
     # Scrolling over the answers reorders nothing.
     page.locator(f".answer[data-id='{a}'] .text").hover()
+    start = page.evaluate("window.scrollY")
     page.mouse.wheel(0, 400)
     page.mouse.wheel(0, -400)
     assert shown_ids(page) == [a, b, c, d]
+    # Wheel scrolling finishes asynchronously: on a loaded machine the page could still be
+    # moving when the handle's box is measured below, and the press then lands on another
+    # card's handle. Wait until it is back where it started.
+    page.wait_for_function(f"window.scrollY === {start}")
 
     # Drag d's handle above a: d is now best.
     handle = page.locator(f".answer[data-id='{d}'] .handle").bounding_box()
     top = page.locator(f".answer[data-id='{a}']").bounding_box()
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
+    assert page.evaluate("([x, y]) => document.elementFromPoint(x, y).closest('.answer')"
+                         ".dataset.id", [handle["x"] + handle["width"] / 2,
+                                         handle["y"] + handle["height"] / 2]) == str(d)
     page.mouse.down()
     page.mouse.move(top["x"] + 20, top["y"] + 2, steps=12)
     page.mouse.up()
