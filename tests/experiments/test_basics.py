@@ -142,7 +142,9 @@ def test_the_deep_network_beats_the_shallow_one_at_equal_size_over_seeds(tmp_pat
     assert s["shallow"]["layers"] == 1 and s["deep"]["layers"] == 4
     assert abs(s["shallow"]["weights"] - s["deep"]["weights"]) <= 3
     assert len(s["deep"]["test"]) == 3
-    assert s["deep"]["test_mean"] > s["shallow"]["test_mean"] + 0.15
+    # 3 seeds: the deep net's spread is 6-8 points, so its mean lead (18 points over 5 seeds in
+    # docs/basics.md) came out 0.12-0.18 on the CPUs tried (the matmuls' rounding differs)
+    assert s["deep"]["test_mean"] > s["shallow"]["test_mean"] + 0.10
     assert s["deep"]["test_min"] > s["shallow"]["test_max"]
     assert "held-out mean" in r["table"] and "spread (sd)" in r["table"]
     for key in ("png", "layers_png", "gif"):

@@ -41,7 +41,7 @@ def serve_run(tmp_path_factory) -> Path:
         pretrain.run(configlib.load(PretrainConfig, None, [
             f"out='{root / 'run'}'", f"data.corpus='{root / 'corpus.txt'}'", *TINY_OVERRIDES,
             # swiglu: export-hf (for lm-evaluation-harness's hf side) needs Llama/Qwen3 parts.
-            "model.block_size=96", "model.mlp='swiglu'", "train.steps=120",
+            "model.block_size=96", "model.mlp='swiglu'", "train.steps=200",
             "train.batch_size=8", "train.lr=5e-3", "train.muon_lr=0.02", "train.eval_every=0"]))
     return root / "run"
 

@@ -485,14 +485,24 @@ class Linear:
             q, scale = self.c_int8  # the wide path without a kept copy: widened for this call
             q = q[:, : q.shape[1] - self.k_pad]
             y = _widened(x, q, scale, self.bias32).to(x.dtype)
-        elif self.int8 is not None and rows <= 4:
+            if act != "none":
+                y = _ACTIVATIONS[act](y)
+            return y if residual is None else y.add_(residual)
+        return self._matmul(x, act, residual)
+
+    def _matmul(self, x: torch.Tensor, act: str, residual: torch.Tensor | None) -> torch.Tensor:
+        """PyTorch's and oneDNN's matmuls on the kept copy, in that copy's dtype: an fp32 x
+        meeting int8's bf16 copy (kept where bf16 is native) is cast to it and back."""
+        w = self.c_bf16 if self.weight is None else self.weight
+        if x.dtype != w.dtype:
+            res = None if residual is None else residual.to(w.dtype)
+            return self._matmul(x.to(w.dtype), act, res).to(x.dtype)
+        if self.int8 is not None and x.shape[0] <= 4:
             y = torch._weight_int8pack_mm(x, *self.int8)
             if self.bias is not None:
                 y += self.bias
-        elif self.weight is None:  # bf16 past the kernel's rows, on the kernel's copy
-            y = F.linear(x, self.c_bf16, self.bias)
-        elif not self.packed:
-            y = F.linear(x, self.weight, self.bias)
+        elif not self.packed:  # also bf16 past the kernel's rows, on the kernel's copy
+            y = F.linear(x, w, self.bias)
         elif residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight,
                                                              self.bias, "add")
