@@ -160,6 +160,21 @@ def shown_ids(page) -> list[int]:
         "els => els.map(e => e.dataset.id)")]
 
 
+def settle_scroll(page) -> None:
+    """Wheel scrolling goes on after mouse.wheel returns: on a loaded machine the page could
+    still be moving when a handle's box is measured, and the press then lands on another
+    card's handle. Wait until the page has stood still for 0.3 s. (The page's CSP forbids
+    eval, which wait_for_function's string predicates need.)"""
+    last, still = None, 0
+    for _ in range(400):
+        y = page.evaluate("window.scrollY")
+        still = still + 1 if y == last else 0
+        if still == 6:
+            return
+        last = y
+        page.wait_for_timeout(50)
+
+
 @needs_chromium
 def test_a_person_ranks_four_answers_by_drag_and_keyboard(labeled, page):
     a, b, c, d = labeled.ids
@@ -173,14 +188,10 @@ def test_a_person_ranks_four_answers_by_drag_and_keyboard(labeled, page):
 
     # Scrolling over the answers reorders nothing.
     page.locator(f".answer[data-id='{a}'] .text").hover()
-    start = page.evaluate("window.scrollY")
     page.mouse.wheel(0, 400)
     page.mouse.wheel(0, -400)
     assert shown_ids(page) == [a, b, c, d]
-    # Wheel scrolling finishes asynchronously: on a loaded machine the page could still be
-    # moving when the handle's box is measured below, and the press then lands on another
-    # card's handle. Wait until it is back where it started.
-    page.wait_for_function(f"window.scrollY === {start}")
+    settle_scroll(page)
 
     # Drag d's handle above a: d is now best.
     handle = page.locator(f".answer[data-id='{d}'] .handle").bounding_box()
