@@ -14,7 +14,10 @@ ordered pair of the same training rankings (`feedback.io.pair_lines`, what `feed
 --format pairs` writes) and is scored on the pairs of the same held-out rankings.
 
 Three comparisons, each contender a fresh process (load time excluded), in turns (tinylm,
-TRL, tinylm, TRL, ...) so background load falls on both alike; fp32, `--threads` threads, CPU:
+TRL, tinylm, TRL, ...) so background load falls on both alike; `--threads` threads, CPU, fp32
+weights, and `--dtype` for the arithmetic: fp32 (the default), or bf16 autocast on both sides
+(tinylm's `train.dtype = "bfloat16"`, TRL's `bf16=True`; what `train.dtype = "auto"` picks
+where bf16 matmuls measured faster, as on CPUs with AMX):
 
 - **reward**: `tinylm reward` (K answers of a prompt in one batch element, one forward per
   answer, all C(K, 2) pairs of it in the loss) against TRL's `RewardTrainer`
@@ -62,6 +65,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 3.0  # issue 12: at least 3x faster per optimizer step / iteration
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype: tinylm's train.dtype
 
 
 class InputError(SystemExit):
@@ -201,7 +205,8 @@ def common_train(args: argparse.Namespace, steps: int, batch: int, lr: float) ->
             "train.optimizer": args.tinylm_optimizer, "train.lr": lr,
             "train.muon_lr": args.muon_lr, "train.weight_decay": 0.0, "train.beta2": 0.95,
             "train.warmup_steps": args.lr_warmup, "train.schedule": "constant",
-            "train.grad_clip": 1.0, "train.dtype": "float32", "train.threads": args.threads,
+            "train.grad_clip": 1.0, "train.dtype": DTYPES[args.dtype],
+            "train.threads": args.threads,
             "train.eval_every": 0, "train.save_every": 0, "train.log_every": 1,
             "train.seed": args.seed, "train.progress": False, "train.compile": False}
 
@@ -242,9 +247,9 @@ def trl_args(spec: dict, config_cls, **extra):
         per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
         learning_rate=spec["lr"], lr_scheduler_type="constant_with_warmup",
         warmup_steps=spec["lr_warmup"], weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
-        use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_steps=max(spec["steps"], 1), disable_tqdm=True,
-        dataloader_num_workers=0, seed=spec["seed"],
+        use_cpu=True, bf16=spec["dtype"] == "bf16", fp16=False, report_to="none",
+        save_strategy="no", eval_strategy="no", logging_steps=max(spec["steps"], 1),
+        disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"],
         gradient_checkpointing=False,  # TRL's default is True; tinylm recomputes nothing
         **extra)
 
@@ -386,6 +391,7 @@ def compare(task: str, args, info: dict, hf: Path, out: Path) -> dict:
                            {"reward": 40, "dpo": 40, "grpo": 10}[task])
     ours, theirs, acc_ours, acc_theirs = [], [], [], []
     spec = {"hf": str(hf), "sft": args.sft, "steps": steps, "threads": args.threads,
+            "dtype": args.dtype,
             "seed": args.seed, "lr_warmup": args.lr_warmup, "max_length": 128,
             "train_pairs": info["train_pairs"], "held_pairs": info["held_pairs"]}
     data_sets = {"data.val_fraction": args.val_fraction, "data.split_seed": args.split_seed}
@@ -488,6 +494,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=0, help="steps left out of the median "
                    "(default 3, 1 with --quick)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the training "
+                   "arithmetic on both sides: fp32, or bf16 autocast (fp32 weights)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--split-seed", type=int, default=0)
@@ -545,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     print(f"tinylm vs TRL {trl.__version__} (transformers {transformers.__version__}, torch "
-          f"{torch.__version__}), CPU, fp32, {args.threads} threads; SFT run {args.sft}",
+          f"{torch.__version__}), CPU, {args.dtype}, {args.threads} threads; SFT run "
+          f"{args.sft}",
           flush=True)
     hf = export_hf(Path(args.sft), out)
     info = prepare_data(args, out)

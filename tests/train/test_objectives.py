@@ -109,6 +109,26 @@ def test_dpo_on_the_distinct_answers_equals_dpo_on_both_rows_of_every_pair():
     assert torch.allclose(g_got, g_want, atol=1e-6)
 
 
+@torch.no_grad()
+def test_dpo_with_sft_weight_adds_the_chosen_answers_mean_token_nll():
+    """RPO: DPO's loss plus alpha times each pair's chosen answer's NLL per answer token, the
+    NLL computed here from the full log-softmax, not through sequence_logprobs."""
+    model = tiny_gpt()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    x = torch.randint(0, 50, (3, 12))
+    y = torch.randint(0, 50, (3, 12))
+    y[:, :5] = -100
+    y[1, 8:] = -100  # answer 1 is shorter: 3 tokens, the others 7
+    ref = torch.tensor([-40.0, -42.0, -39.0])
+    chosen, rejected = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    plain, _ = objectives.dpo(model, (x, y, ref, chosen, rejected), beta=0.1)
+    rpo, _ = objectives.dpo(model, (x, y, ref, chosen, rejected), beta=0.1, sft_weight=0.5)
+    logp = model(x).log_softmax(-1)  # (3, 12, V)
+    keep = y != -100
+    nll = -(logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * keep).sum(1) / keep.sum(1)
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * nll[chosen].mean().item(), abs=1e-5)
+
+
 def test_dpo_loss_falls_as_the_chosen_answer_gains_probability():
     chosen, rejected = torch.tensor([-10.0]), torch.tensor([-12.0])
     ref_c, ref_r = torch.tensor([-11.0]), torch.tensor([-11.0])

@@ -60,6 +60,8 @@ class DPOConfig:
     out: str = "runs/dpo"
     init: str = ""  # the SFT run: the policy's start and the frozen reference (required)
     beta: float = 0.1  # the strength of the pull towards the reference (DPO's beta)
+    sft_weight: float = 0.0  # > 0: + this x the chosen answers' mean token NLL (RPO; TRL's
+    # rpo_alpha), which keeps them likely where DPO alone lowers both answers' likelihoods
     keep_best: bool = True  # save the weights of the evaluation with the lowest val_loss
     by_ranking: bool = False  # true: a step's pairs come ranking by ranking, each answer
     # forwarded once (about 18 rows for 16 pairs, 1.6x faster a step) but noisier held-out
@@ -71,6 +73,8 @@ class DPOConfig:
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"beta={self.beta} must be > 0")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight={self.sft_weight} must be >= 0")
 
 
 @torch.no_grad()
@@ -133,7 +137,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         best.offer(m, metrics)
         return metrics
 
-    objective = functools.partial(objectives.dpo, beta=cfg.beta)
+    objective = functools.partial(objectives.dpo, beta=cfg.beta, sft_weight=cfg.sft_weight)
     result = train(model, objective, batch_fn, cfg.train, run_dir, eval_fn, resume=resume,
                    flops_per_token=model.flops_per_token(T))
     if cfg.keep_best and (kept := best.restore(model, run_dir)) is not None:
