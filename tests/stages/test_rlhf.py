@@ -182,10 +182,33 @@ def test_the_web_labeler_gives_up_after_its_timeout(base, tmp_path):
         rlhf.run(cfg)
 
 
+def test_iterative_dpo_learns_each_round_from_its_own_answers_against_the_last_policy(
+        base, tmp_path):
+    """reference = "previous", dpo_rankings = "round": round 2's DPO starts from and is
+    leashed to round 1's policy, on round 2's rankings alone; the evaluation samples."""
+    out = tmp_path / "iter"
+    rlhf.run(make_cfg(base, out, "rounds=2", "method='dpo'", "reference='previous'",
+                      "dpo_rankings='round'", "dpo.sft_weight=1.0", "dpo.data.val_fraction=0.0",
+                      "dpo.train.steps=2", "dpo.train.batch_size=2", "dpo.train.warmup_steps=1",
+                      "dpo.train.progress=false", "dpo.train.dtype='float32'",
+                      "eval.temperature=1.0", "eval.samples=2"))
+    one, two = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert one["reference"] == str(base["sft"]) and two["reference"] == one["policy"]
+    policy_cfg = configlib.read_toml(Path(two["policy"]) / "config.toml")
+    assert policy_cfg["ref"] == one["policy"] and policy_cfg["sft_weight"] == 1.0
+    lines = (out / "round-2" / "rankings-round.jsonl").read_text().splitlines()
+    assert {json.loads(x)["round"] for x in lines} == {2}
+    assert len(lines) == two["collect"]["rankings"]
+    assert set(two["reward_rankings_by_round"]) == {"1", "2"}  # the reward model learns all
+    held = two["eval"]["vs_sft"]
+    assert held["samples"] == 2 and held["pairs"] == 2 * held["prompts"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--rounds", "0"], "run at least 1 round"),
     (["--set", "labeler='best'"], "unknown labeler 'best'"),
     (["--set", "method='sgd'"], "use ppo or dpo"),
+    (["--set", "reference='init'"], "use sft or previous"),
     (["--set", "nope=1"], "unknown config key 'nope'"),
 ])
 def test_bad_settings_are_one_line_errors(base, tmp_path, capsys, error_of, extra, message):

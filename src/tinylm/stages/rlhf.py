@@ -22,12 +22,16 @@ Round k (1, 2, ...) of `rounds`, starting from the SFT run `init`:
    construction. It costs one reward training per round, sized for that in the presets.
 4. **policy**: PPO (stages/ppo.py, `[ppo]`) from the current policy against the new reward
    model, on all training prompts; or, with `method = "dpo"`, DPO (stages/dpo.py, `[dpo]`) from
-   the current policy on the rankings of rounds 1..k. The frozen reference is the SFT run in
-   every round (the stages' `ref` key), so the KL leash does not move with the policy;
+   the current policy on the rankings of rounds 1..k (`dpo_rankings = "round"`: of round k
+   alone, the current policy's own answers). The frozen reference (the stages' `ref` key) is
+   the SFT run in every round, so the KL leash does not move with the policy; with
+   `reference = "previous"` it is the policy the round starts from, as in iterative DPO
+   (Pang et al. 2024's iterative RPO, with `dpo.sft_weight`), a leash that moves each round;
    rounds.json records it.
 5. **evaluate** (eval/winrate.py), on held-out prompts the gold judge can score (`gold`, by
    default the labeler; `request` for `web`): win rate of the new policy against the SFT run
-   and against the round before (greedy answers), mean gold score, mean length, the mean KL
+   and against the round before (greedy answers, or `eval.samples` sampled at
+   `eval.temperature`), mean gold score, mean length, the mean KL
    to the SFT run (sampled answers), and the proxy reward (this round's reward model) beside
    the gold score, so reward hacking shows as a rising proxy over a flat or falling gold.
 
@@ -97,6 +101,8 @@ class WebConfig:
 @dataclass
 class RoundsEvalConfig:
     max_new_tokens: int = 96
+    temperature: float = 0.0  # 0: greedy answers; > 0: `samples` sampled answers per prompt
+    samples: int = 1  # per prompt and side (eval winrate --samples)
     kl_samples: int = 2  # sampled answers per prompt for the KL to the reference
     also: list[str] = field(default_factory=list)  # judges reported beside gold ("textblob")
 
@@ -107,6 +113,10 @@ class RLHFConfig:
     init: str = ""  # the SFT run: round 1's policy and every round's reference (required)
     rounds: int = 1  # rounds in all (--rounds N); with --resume, the total to reach
     method: str = "ppo"  # ppo | dpo
+    reference: str = "sft"  # each round's frozen reference: "sft" (init, in every round) or
+    # "previous" (the policy the round starts from: iterative DPO's moving reference)
+    dpo_rankings: str = "all"  # what DPO learns from: "all" rounds' rankings so far, or
+    # "round": this round's alone (answers of the policy it starts from: on-policy)
     labeler: str = "request"  # request | sentiment | textblob | web (people on /label)
     gold: str = ""  # the evaluation's judge; "" = the labeler (request for web)
     db: str = ""  # the feedback store; "" = <out>/feedback.db
@@ -140,6 +150,10 @@ def check(cfg: RLHFConfig) -> None:
         raise UserError(f"rounds = {cfg.rounds}: run at least 1 round (--rounds N, N >= 1)")
     if cfg.method not in METHODS:
         raise UserError(f"method = {cfg.method!r}: use ppo or dpo")
+    if cfg.reference not in ("sft", "previous"):
+        raise UserError(f"reference = {cfg.reference!r}: use sft or previous")
+    if cfg.dpo_rankings not in ("all", "round"):
+        raise UserError(f"dpo_rankings = {cfg.dpo_rankings!r}: use all or round")
     if cfg.labeler != WEB and cfg.labeler not in labelers.LABELERS:
         raise UserError(f"unknown labeler {cfg.labeler!r}; use one of "
                         f"{', '.join([*labelers.LABELERS, WEB])}")
@@ -264,10 +278,10 @@ def wait_for_people(cfg: RLHFConfig, k: int, policy: str, store: Store) -> int:
     return n
 
 
-def write_rankings(store: Store, k: int, path: Path) -> dict[int, int]:
-    """Every ranked comparison of rounds 1..k (labelers merged) as rankings JSONL; returns
-    the count per round."""
-    lines = [ranking_line(rc) for rc in store.ranked_comparisons() if 1 <= rc.round <= k]
+def write_rankings(store: Store, k: int, path: Path, first: int = 1) -> dict[int, int]:
+    """Every ranked comparison of rounds first..k (labelers merged) as rankings JSONL;
+    returns the count per round."""
+    lines = [ranking_line(rc) for rc in store.ranked_comparisons() if first <= rc.round <= k]
     atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in lines))
     counts: dict[int, int] = {}
     for x in lines:
@@ -296,7 +310,7 @@ def train_policy(cfg: RLHFConfig, rdir: Path, policy: str, rm: str, rankings: Pa
         pcfg.data.path = str(rankings)
         stage = dpo
     pcfg.out, pcfg.init = str(rdir / "policy"), policy
-    pcfg.ref = cfg.init  # the leash stays on the SFT run, round after round
+    pcfg.ref = cfg.init if cfg.reference == "sft" else policy
     return pcfg.out, pcfg.ref, stage.run(pcfg)
 
 
@@ -305,12 +319,15 @@ def evaluate(cfg: RLHFConfig, new: str, prev: str, rm: str, held: list[PromptRow
     """The new policy against the SFT run (with the KL to it and the proxy reward) and
     against the round before."""
     judges = [f"reward:{rm}", *cfg.eval.also]
-    vs_sft = wr.winrate(new, cfg.init, cfg.gold_judge, held, max_new_tokens=cfg.eval.max_new_tokens,
-                        ref=cfg.init, kl_samples=cfg.eval.kl_samples, also=judges)
+    e = cfg.eval
+    sampling = {"max_new_tokens": e.max_new_tokens, "temperature": e.temperature,
+                "samples": e.samples}
+    vs_sft = wr.winrate(new, cfg.init, cfg.gold_judge, held, ref=cfg.init,
+                        kl_samples=e.kl_samples, also=judges, **sampling)
     out = {"vs_sft": vs_sft}
     if prev != cfg.init:
-        out["vs_previous"] = wr.winrate(new, prev, cfg.gold_judge, held,
-                                        max_new_tokens=cfg.eval.max_new_tokens, kl_samples=0)
+        out["vs_previous"] = wr.winrate(new, prev, cfg.gold_judge, held, kl_samples=0,
+                                        **sampling)
     proxy = vs_sft["also"][f"reward:{rm}"]
     out["summary"] = {
         "win_rate_vs_sft": vs_sft["win_rate"],
@@ -360,7 +377,11 @@ def one_round(cfg: RLHFConfig, k: int, policy: str, prev_rm: str, train_rows: li
           f"comparisons of rounds {sorted(by_round)}")
     rm, rm_metrics = train_reward(cfg, rdir, rankings)
     lap("reward")
-    new, ref, pol_metrics = train_policy(cfg, rdir, policy, rm, rankings, prompts_file)
+    dpo_file = rankings
+    if cfg.method == "dpo" and cfg.dpo_rankings == "round":
+        dpo_file = rdir / "rankings-round.jsonl"  # this round's answers alone: on-policy
+        write_rankings(store, k, dpo_file, first=k)
+    new, ref, pol_metrics = train_policy(cfg, rdir, policy, rm, dpo_file, prompts_file)
     lap("policy")
     ev = evaluate(cfg, new, policy, rm, held)
     lap("eval")
