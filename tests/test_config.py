@@ -40,3 +40,20 @@ def test_saved_config_round_trips(tmp_path):
 def test_missing_preset_lists_presets():
     with pytest.raises(UserError, match="shakespeare-char"):
         configlib.load(PretrainConfig, "no-such-preset")
+
+
+def test_every_shipped_preset_loads_into_a_stage_config():
+    """A typo'd key or a wrong type in a preset fails here, not when a user runs it."""
+    from tinylm.experiments.bottleneck import BottleneckConfig
+    from tinylm.stages import STAGES
+    from tinylm.stages.rlhf import RLHFConfig
+
+    classes = [s.config_cls for s in STAGES.values()] + [RLHFConfig, BottleneckConfig]
+    for path in sorted(configlib.PRESET_DIR.glob("*.toml")):
+        loaded = []
+        for cls in classes:
+            try:
+                loaded.append(configlib.load(cls, str(path)))
+            except UserError:
+                continue
+        assert loaded, f"{path.name} loads into no stage's config"
