@@ -209,6 +209,7 @@ def test_iterative_dpo_learns_each_round_from_its_own_answers_against_the_last_p
     (["--set", "labeler='best'"], "unknown labeler 'best'"),
     (["--set", "method='sgd'"], "use ppo or dpo"),
     (["--set", "reference='init'"], "use sft or previous"),
+    (["--set", "eval.samples=4"], "needs --temperature > 0"),
     (["--set", "nope=1"], "unknown config key 'nope'"),
 ])
 def test_bad_settings_are_one_line_errors(base, tmp_path, capsys, error_of, extra, message):

@@ -31,9 +31,9 @@ Round k (1, 2, ...) of `rounds`, starting from the SFT run `init`:
 5. **evaluate** (eval/winrate.py), on held-out prompts the gold judge can score (`gold`, by
    default the labeler; `request` for `web`): win rate of the new policy against the SFT run
    and against the round before (greedy answers, or `eval.samples` sampled at
-   `eval.temperature`), mean gold score, mean length, the mean KL
-   to the SFT run (sampled answers), and the proxy reward (this round's reward model) beside
-   the gold score, so reward hacking shows as a rising proxy over a flat or falling gold.
+   `eval.temperature`), mean gold score, mean length, the mean KL to the SFT run (sampled
+   answers), and the proxy reward (this round's reward model) beside the gold score, so
+   reward hacking shows as a rising proxy over a flat or falling gold.
 
 Everything lands in `<out>/round-<k>/{rankings.jsonl, reward/, policy/}`; after each round
 `rounds.json` (every round's runs, counts, metrics and seconds), `rounds.md` (the table) and
@@ -158,6 +158,7 @@ def check(cfg: RLHFConfig) -> None:
         raise UserError(f"unknown labeler {cfg.labeler!r}; use one of "
                         f"{', '.join([*labelers.LABELERS, WEB])}")
     wr.judge_of(cfg.gold_judge)  # an unknown judge fails here, not after a round's training
+    wr.check_sampling(cfg.eval.temperature, cfg.eval.samples)
     for j in cfg.eval.also:
         wr.judge_of(j)
     if cfg.collect.k < 2:
