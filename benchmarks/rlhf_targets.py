@@ -72,17 +72,13 @@ def judged(a: str, b: str, prompts: str, judges: list[str], limit: int = 0,
     standard error over prompts, and the per-answer scores for ceilings and agreement checks."""
     rows = fc.read_prompts(prompts, keep=lambda r: labelers.get(judges[0]).can_judge(r.row),
                            limit=limit)
-    n = len(rows) * samples  # B's seeds follow A's: independent draws, as eval winrate's
-    got = {side: wr.answers(run, rows, temperature=temperature, seed=k * n, samples=samples)
-           for k, (side, run) in enumerate((("a", a), ("b", b)))}
+    got = wr.both_answers(a, b, rows, temperature=temperature, samples=samples)
     out = {"rows": rows}
     for j in judges:
-        lab = labelers.get(j)
-        sa, sb = ([lab.score(x, rows[n // samples].row) for n, x in enumerate(got[side])]
-                  for side in ("a", "b"))
-        out[j] = wr.compare(sa, sb, lab.resolution) | {
-            "win_rate_se": wr.win_rate_se(sa, sb, lab.resolution, samples),
-            "scores_a": sa, "scores_b": sb, "resolution": lab.resolution}
+        sa, sb, resolution = wr.side_scores(got, rows, j, samples)
+        out[j] = wr.compare(sa, sb, resolution) | {
+            "win_rate_se": wr.win_rate_se(sa, sb, resolution, samples),
+            "scores_a": sa, "scores_b": sb, "resolution": resolution}
     return out
 
 

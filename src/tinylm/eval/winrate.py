@@ -192,18 +192,33 @@ def mean_kl(run: str | Path, ref: str | Path, rows: list[PromptRow], samples: in
     return float(torch.cat(kls).mean()) if kls else float("nan")
 
 
+def both_answers(a: str | Path, b: str | Path, rows: list[PromptRow], max_new_tokens: int = 96,
+                 temperature: float = 0.0, seed: int = 0, samples: int = 1
+                 ) -> dict[str, list[str]]:
+    """answers() of runs a and b, B's seeds after A's: independent draws (module docstring)."""
+    n = len(rows) * samples
+    return {side: answers(run, rows, max_new_tokens, temperature, seed + k * n, samples=samples)
+            for k, (side, run) in enumerate((("a", a), ("b", b)))}
+
+
+def side_scores(texts: dict[str, list[str]], rows: list[PromptRow], judge: str,
+                samples: int = 1) -> tuple[list[float], list[float], float]:
+    """(A's scores, B's scores, the judge's tie resolution); texts hold `samples` answers per
+    row, prompt-major (answers())."""
+    score, resolution, _ = judge_of(judge)
+    a, b = ([score(x, rows[n // samples].row) for n, x in enumerate(texts[side])]
+            for side in ("a", "b"))
+    return a, b, resolution
+
+
 def judged(texts: dict[str, list[str]], rows: list[PromptRow], judge: str,
            samples: int = 1) -> dict:
     """Win/tie/loss (pair j of a prompt: A's j-th answer against B's), its standard error over
-    prompts, and the mean scores of sides a and b by one judge; texts hold `samples`
-    answers per row, prompt-major (answers())."""
-    score, resolution, _ = judge_of(judge)
-    scores = {side: [score(x, rows[n // samples].row) for n, x in enumerate(got)]
-              for side, got in texts.items()}
-    n = len(scores["a"])
-    return {**compare(scores["a"], scores["b"], resolution),
-            "win_rate_se": win_rate_se(scores["a"], scores["b"], resolution, samples),
-            "score_a": sum(scores["a"]) / n, "score_b": sum(scores["b"]) / n}
+    prompts, and the mean scores of sides a and b by one judge."""
+    sa, sb, resolution = side_scores(texts, rows, judge, samples)
+    return {**compare(sa, sb, resolution),
+            "win_rate_se": win_rate_se(sa, sb, resolution, samples),
+            "score_a": sum(sa) / len(sa), "score_b": sum(sb) / len(sb)}
 
 
 def check_sampling(temperature: float, samples: int) -> None:
@@ -235,9 +250,7 @@ def winrate(a: str | Path, b: str | Path, judge: str = "request",
             raise UserError(f"none of the prompts can be judged by {judge!r}")
     else:
         rows = read_prompts(prompts, keep=lambda r: can_judge(r.row), limit=limit)
-    n = len(rows) * samples  # B's seeds follow A's: independent draws (module docstring)
-    got = {side: answers(run, rows, max_new_tokens, temperature, seed + k * n, samples=samples)
-           for k, (side, run) in enumerate((("a", a), ("b", b)))}
+    got = both_answers(a, b, rows, max_new_tokens, temperature, seed, samples)
     out = {"a": str(a), "b": str(b), "judge": judge, "prompts": len(rows),
            "temperature": temperature, "samples": samples, "pairs": len(got["a"]),
            **judged(got, rows, judge, samples)}
