@@ -394,7 +394,8 @@ def compare(task: str, args, info: dict, hf: Path, out: Path) -> dict:
             "dtype": args.dtype,
             "seed": args.seed, "lr_warmup": args.lr_warmup, "max_length": 128,
             "train_pairs": info["train_pairs"], "held_pairs": info["held_pairs"]}
-    data_sets = {"data.val_fraction": args.val_fraction, "data.split_seed": args.split_seed}
+    data_sets = {"data.val_fraction": args.val_fraction, "data.split_seed": args.split_seed,
+                 "data.pack": not args.no_pack}
     if task == "reward":
         trl_batch = max(1, round(args.reward_prompts * info["pairs_per_ranking"]))
         sets = common_train(args, steps, args.reward_prompts, args.reward_lr) | data_sets
@@ -502,6 +503,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tinylm-optimizer", default="adamw", choices=["adamw", "muon"],
                    help="adamw: the optimizer TRL uses (the fair default)")
     p.add_argument("--muon-lr", type=float, default=0.005)
+    p.add_argument("--no-pack", action="store_true", help="tinylm's reward and DPO batches "
+                   "without packing (data.pack = false: each answer its own padded row, its "
+                   "prompt with it), the layout before packing")
     p.add_argument("--lr-warmup", type=int, default=3)
     p.add_argument("--reward-prompts", type=int, default=8, help="rankings per reward step")
     p.add_argument("--reward-lr", type=float, default=3e-4)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
+from tinylm.models.layers import Packed
 
 VARIANTS = {
     "modern": GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32),
@@ -95,3 +96,45 @@ def test_grouped_query_attention_equals_attention_with_repeated_key_value_heads(
     torch.testing.assert_close(step[:, 0], mha(x)[:, -1], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head=4"):
         GPTConfig(**base, n_kv_head=3)
+
+
+@pytest.mark.parametrize("name", ["modern", "gpt2"])
+def test_packed_prefixes_give_the_plain_batchs_states_and_gradients(name):
+    """Packing (each group's shared prefix once, several groups to a row) changes no number:
+    the hidden states at every real position and the weights' gradients equal the plain
+    right-padded batch's, with rotary and with learned positions."""
+    torch.manual_seed(0)
+    model = GPT(VARIANTS[name])
+    for block in model.blocks:  # make the residual branches non-zero
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.1)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.1)
+    seqs = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8], [1, 2, 3, 4],  # a prefix of the first
+            [1, 2, 3, 7, 8],  # a duplicate
+            [9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9], [9, 9, 1],  # a long group
+            [5, 6], [7], [4, 4, 4]]  # short blocks: they share rows
+    groups = [[0, 1, 2, 3], [4, 5], [6], [7], [8]]
+    T = 12
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    for n, s in enumerate(seqs):
+        ids[n, : len(s)] = torch.tensor(s)
+    packed = Packed.pack(seqs, groups, T, pad_id=0)
+    assert packed.ids.shape[0] < len(groups)  # short blocks filled other rows' padding
+    assert packed.tokens == 3 + (3 + 2 + 1 + 2) + 2 + (10 + 1) + 2 + 1 + 3  # prefixes once
+    real = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for n, s in enumerate(seqs):
+        real[n, : len(s)] = True
+    weights = torch.randn(len(seqs), T, model.config.d_model)
+
+    def states_and_grads(**kw):
+        model.zero_grad()
+        h = model.hidden_states(ids, **kw)  # (N, T, C)
+        ((h * weights)[real]).sum().backward()
+        return h[real].detach(), [p.grad.clone() for p in model.parameters()
+                                  if p.grad is not None]
+
+    plain, plain_grads = states_and_grads()
+    got, got_grads = states_and_grads(packed=packed)
+    assert torch.allclose(got, plain, atol=1e-5)
+    assert len(got_grads) == len(plain_grads)
+    for a, b in zip(got_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-4)

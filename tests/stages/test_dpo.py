@@ -55,7 +55,8 @@ def test_a_batch_by_ranking_forwards_each_distinct_answer_once(init_run, data):
     rows = read_rankings(data)
     pairs = PairData(rows, tok, rundir.chat_template(init_run), model.config.block_size)
     pairs.set_reference(model)
-    x, y, ref, chosen, rejected = pairs.batch(7, torch.Generator().manual_seed(0), True)
+    x, y, ref, chosen, rejected, packed = pairs.batch(7, torch.Generator().manual_seed(0),
+                                                      True)
     assert len(chosen) == len(rejected) == 7 and x.shape[0] == 3 + 3 + 2
     texts = [tok.decode(y[r][y[r] != -100].tolist(), skip_special=True) for r in range(len(x))]
     assert len(set(texts)) == len(texts)  # each answer once
@@ -63,8 +64,11 @@ def test_a_batch_by_ranking_forwards_each_distinct_answer_once(init_run, data):
     assert {(texts[c], texts[r]) for c, r in zip(chosen.tolist(), rejected.tolist())} <= by_text
     with torch.no_grad():  # the reference of a row is that answer's, wherever it was computed
         want = sequence_logprobs(model, x, y)
+        got = sequence_logprobs(model, x, y, packed=packed)  # each ranking's prompt once
     assert torch.allclose(ref, want, atol=1e-4)
-    x, y, ref, chosen, rejected = pairs.batch(30, torch.Generator().manual_seed(0))
+    assert torch.allclose(got, want, atol=1e-4)
+    assert packed.tokens < int((x != pairs.pad_id).sum())  # the prompts were shared
+    x, y, ref, chosen, rejected, _ = pairs.batch(30, torch.Generator().manual_seed(0))
     texts = [tok.decode(y[r][y[r] != -100].tolist(), skip_special=True) for r in range(len(x))]
     assert len(chosen) == 30 and len(set(texts)) == len(texts) == len(x) < 60  # independent
     assert {(texts[c], texts[r]) for c, r in zip(chosen.tolist(), rejected.tolist())} <= by_text

@@ -141,3 +141,25 @@ def test_keep_best_saves_the_best_evaluation_and_freezing_keeps_lower_weights(
     config = json.loads((out / "model.json").read_text())["config"]
     assert config["backbone"]["dropout"] == 0 and config["readout"] == "end"
 
+
+
+@pytest.mark.parametrize("readout", ["sum", "end"])
+def test_packed_batches_score_answers_as_the_plain_batch_does(init_run, readout):
+    """A batch with each prompt laid out once (layers.Packed) gives every answer the reward
+    the plain batch gives it, missing answers included, on fewer positions."""
+    model, tok = tinylm.load(init_run, family="gpt")
+    rm = RewardModel.from_gpt(model, readout)
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    rows = read_rankings(write_rows(init_run.parent / "packed.jsonl", rankings()[:4] + [
+        {"messages": [{"role": "user", "content": "Tell me about the emu."}],
+         "answers": ["The emu runs.", "The emu is here."], "ranks": [0, 1]}]))  # K = 2 of 3
+    data = RankingData(rows, tok, rundir.chat_template(init_run), model.config.block_size)
+    ids, end, ranks, packed = data.collate(range(len(data)))
+    B, K, T = ids.shape
+    with torch.no_grad():
+        plain = rm(ids.view(B * K, T), end.view(-1)).view(B, K)
+        got = rm(ids.view(B * K, T), end.view(-1), packed).view(B, K)
+    present = ranks >= 0
+    assert int((~present).sum()) == 1
+    assert torch.allclose(got[present], plain[present], atol=1e-4)
+    assert packed.tokens < int((ids != tok.pad_id).sum())

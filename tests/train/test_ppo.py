@@ -134,6 +134,19 @@ def test_rollout_pads_after_the_end_and_keeps_the_engine_logprobs():
     other[torch.arange(other.shape[1]) >= ends[:, None]] = 5
     again, _ = ppo.answer_logprobs(model, other, ro.start, ro.mask, 1.0)
     assert torch.allclose(again * ro.mask, logp * ro.mask, atol=1e-5)
+    # the K answers of a prompt share its positions in the training forward: the same numbers
+    packed = ppo.shared_prompts(ro.ids, ro.start, ro.mask)
+    assert packed.tokens == sum(map(len, PROMPTS)) + int(ro.mask.sum())  # each prompt once
+    shared, _ = ppo.answer_logprobs(model, ro.ids, ro.start, ro.mask, 1.0, packed=packed)
+    assert torch.allclose(shared * ro.mask, logp * ro.mask, atol=1e-5)
+    critic = tiny_value()
+    torch.nn.init.normal_(critic.rm.head.weight)  # not the zero start: values that differ
+    for block in critic.rm.backbone.blocks:
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.1)
+    values = ppo.answer_values(critic, ro.ids, ro.start, ro.mask.shape[1]) * ro.mask
+    assert values.std() > 0.01
+    got = ppo.answer_values(critic, ro.ids, ro.start, ro.mask.shape[1], packed) * ro.mask
+    assert torch.allclose(got, values, atol=1e-5)  # on the answers; padding is never read
 
 
 class Wrapped(torch.nn.Module):

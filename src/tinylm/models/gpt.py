@@ -23,6 +23,7 @@ from tinylm.models.layers import (
     ROPE_SCALINGS,
     Block,
     KVCache,
+    Packed,
     Rotary,
     check_stack_options,
     count_params,
@@ -131,10 +132,24 @@ class GPT(nn.Module):
     def optim_groups(self) -> dict[str, list[nn.Parameter]]:
         return optim_groups(self, [self.tok_emb, self.pos_emb, self.lm_head])
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        B, T = idx.shape
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      packed: Packed | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, C) for idx (B, T), continuing `cache` if given.
+        With `packed` (layers.Packed, built from idx's rows) the blocks run on its rows,
+        whose shared prefixes are computed once, and the states come back in idx's layout."""
+        if packed is not None:
+            return packed.unpack(self._trunk(packed.ids, packed.positions, packed.mask))
+        T = idx.shape[1]
         positions = cache.positions(T, idx.device) if cache is not None else None
         mask = cache.mask(T, idx.device) if cache is not None else None
+        h = self._trunk(idx, positions, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return h
+
+    def _trunk(self, idx: torch.Tensor, positions: torch.Tensor | None,
+               mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        T = idx.shape[1]
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             p = positions if positions is not None else torch.arange(T, device=idx.device)
@@ -142,8 +157,6 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, cache=cache, layer=i, positions=positions)
-        if cache is not None:
-            cache.advance(T)
         return self.norm_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from tinylm.models.gpt import GPT, GPTConfig
+from tinylm.models.layers import Packed
 
 READOUTS = ("end", "sum")  # where the reward is read (RewardConfig.readout)
 
@@ -78,15 +79,18 @@ class RewardModel(nn.Module):
         model.backbone.load_state_dict(gpt.state_dict())
         return model
 
-    def values(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) -> the head's output at every position (B, T)."""
-        h = self.backbone.hidden_states(idx)  # (B, T, C)
+    def values(self, idx: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        """idx: (B, T) -> the head's output at every position (B, T); `packed` as forward."""
+        h = self.backbone.hidden_states(idx, packed=packed)  # (B, T, C)
         return self.head(h).squeeze(-1).float()  # (B, T)
 
-    def forward(self, idx: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, end: torch.Tensor, packed: Packed | None = None
+                ) -> torch.Tensor:
         """idx: (B, T) token ids, right-padded; end: (B,) the position of each row's
-        end-of-answer token. Returns the rewards (B,); the padding after `end` never counts."""
-        return self.read(self.backbone.hidden_states(idx), end)
+        end-of-answer token; packed: idx's rows with their shared prompts laid out once
+        (layers.Packed; the same rewards, fewer positions). Returns the rewards (B,); the
+        padding after `end` never counts."""
+        return self.read(self.backbone.hidden_states(idx, packed=packed), end)
 
     def read(self, h: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
         """The rewards (B,) from the backbone's hidden states h (B, T, C), however they were

@@ -219,6 +219,98 @@ class KVCache:
             self.pad = self.pad[rows]
 
 
+def common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all of `seqs` share."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+class Packed:
+    """A batch of sequences whose groups share a prefix (a prompt's K answers), laid out with
+    the prefix once: a group is one block [prefix, rest of sequence 1, rest of sequence 2,
+    ...], several short blocks may share a row, positions restart after the prefix for each
+    sequence, and the mask lets a token see its group's prefix and the earlier tokens of its
+    own sequence only. A causal model then computes for every token exactly what it computes
+    in the plain right-padded (N, T) batch, on fewer positions: a prompt's K answers cost one
+    prompt, and rows of mixed lengths share their padding (the reward model's batches of
+    benchmarks/trl_compare.py: 38% fewer positions). `unpack` gathers the packed rows' hidden
+    states back into the (N, T) layout (autograd sums the prefix's gradients over its
+    sequences), so whatever reads them (a reward head, log-probs) is unchanged.
+
+    ids, positions (P, L); mask (P, 1, L, L), True = may attend; index (N, T): where the
+    token at [n, t] of the plain batch lies in ids.view(-1) (a padding slot: the sequence's
+    last token); tokens: the positions that hold a token. Padding tokens see the padding
+    before them and themselves (never an empty softmax)."""
+
+    def __init__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 index: torch.Tensor, tokens: int):
+        self.ids, self.positions, self.mask, self.index = ids, positions, mask, index
+        self.tokens = tokens  # the packed positions that hold a token (padding aside)
+
+    @classmethod
+    def pack(cls, seqs: list[list[int]], groups: list[list[int]], T: int, pad_id: int
+             ) -> Packed:
+        """seqs: N token lists (none empty); groups: a partition of range(N) into the sequences
+        that share a prefix; T: the plain batch's width (>= the longest sequence). A group's
+        tokens (its prefix, then each sequence's rest) are one block; the blocks go into rows
+        as wide as the longest block, longest first, each into the first row it fits
+        (first-fit decreasing), so short blocks fill the padding beside long ones."""
+        blocks = []  # per group: tokens, positions, segment (0 = prefix), offsets per sequence
+        for g in groups:
+            p = common_prefix([seqs[n] for n in g])
+            toks, pos, seg, offsets = list(seqs[g[0]][:p]), list(range(p)), [0] * p, {}
+            for k, n in enumerate(g, 1):
+                rest = seqs[n][p:]
+                offsets[n] = [*range(p), *range(len(toks), len(toks) + len(rest))]
+                toks += rest
+                pos += range(p, p + len(rest))
+                seg += [k] * len(rest)
+            blocks.append((toks, pos, seg, offsets))
+        L = max(len(b[0]) for b in blocks)
+        rows: list[list[tuple]] = []  # the blocks of each row
+        for b in sorted(blocks, key=lambda b: -len(b[0])):
+            row = next((r for r in rows if sum(len(x[0]) for x in r) + len(b[0]) <= L), None)
+            if row is None:
+                rows.append(row := [])
+            row.append(b)
+        ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), L), dtype=torch.long)
+        segment = torch.full((len(rows), L), -1, dtype=torch.long)  # -1: padding
+        prefix = torch.full((len(rows), L), -1, dtype=torch.long)  # the segment it may also see
+        index = torch.zeros((len(seqs), T), dtype=torch.long)
+        n_segments = 0
+        for r, row in enumerate(rows):
+            at = 0
+            for toks, pos, seg, offsets in row:
+                span = slice(at, at + len(toks))
+                ids[r, span], positions[r, span] = torch.tensor(toks), torch.tensor(pos)
+                segment[r, span] = torch.tensor(seg) + n_segments  # unique in the batch
+                prefix[r, span] = n_segments
+                for n, off in offsets.items():
+                    flat = torch.tensor(off) + r * L + at
+                    index[n, : len(flat)] = flat
+                    index[n, len(flat):] = flat[-1]
+                at += len(toks)
+                n_segments += len(offsets) + 1
+        causal = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L)
+        key = segment[:, None, :]  # (P, 1, L)
+        mask = causal & ((key == segment[:, :, None]) | (key == prefix[:, :, None]))  # (P, L, L)
+        return cls(ids, positions, mask[:, None], index, sum(len(b[0]) for b in blocks))
+
+    def unpack(self, h: torch.Tensor) -> torch.Tensor:
+        """h (P, L, C) of the packed rows -> (N, T, C) in the plain batch's layout."""
+        return h.reshape(-1, h.shape[-1])[self.index]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packed:
+        return Packed(*(t.to(device, non_blocking=non_blocking)
+                        for t in (self.ids, self.positions, self.mask, self.index)),
+                      self.tokens)
+
+
 class Attention(nn.Module):
     """Multi-head attention. Self-attention when `forward(x)`, cross-attention when given `kv`.
 

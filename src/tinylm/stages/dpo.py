@@ -15,11 +15,12 @@ How it departs from the textbook algorithm (Rafailov et al. 2023) and from TRL's
 - The K-wise rankings become all their ordered pairs, so a prompt with K = 4 strict answers
   gives 6 pairs, drawn independently into batches of `train.batch_size` pairs as TRL draws
   them; a batch forwards each of its distinct answers once (an answer in two of its pairs is
-  one row), and the LM head and its logsumexp run only on answer positions, in two groups of
-  rows of similar lengths (feedback/preferences.py sequence_logprobs). With `by_ranking` the
-  pairs of a step are instead all the pairs of randomly drawn rankings (a random part of the
-  last one's), so each answer serves all its pairs at once: with K = 4 and the `request`
-  labeler's ties about 18 rows for 16 pairs instead of about 30, 1.6x faster a step (CPU,
+  one row, its ranking's prompt laid out once beside its other answers: data.pack,
+  models/layers.py Packed), and the LM head and its logsumexp run only on answer positions
+  (feedback/preferences.py sequence_logprobs). With `by_ranking` the pairs of a step are
+  instead all the pairs of randomly drawn rankings (a random part of the last one's), so
+  each answer serves all its pairs at once: with K = 4 and the `request` labeler's ties
+  about 18 rows for 16 pairs instead of about 30, 1.6x faster a step (CPU, before packing;
   benchmarks/trl_compare.py's model). The loss of each pair is the same, but the pairs of a
   step share prompts: over 8 seeds of that benchmark's 8-step run the held-out accuracy was
   0.548 +- 0.080 by ranking against 0.575 +- 0.035 independently (held-out loss 0.683
@@ -82,8 +83,10 @@ def dpo_metrics(model: GPT, data: PairData, batch_size: int, beta: float) -> dic
     """Held-out DPO loss, the share of pairs with a positive implicit margin, the mean margin."""
     device = next(model.parameters()).device
     losses, margins = [], []
-    for x, y, ref, chosen, rejected in data.batches(batch_size):
-        logp = sequence_logprobs(model, x.to(device), y.to(device), groups=2).cpu()  # (R,)
+    for x, y, ref, chosen, rejected, *packed in data.batches(batch_size):
+        layout = packed[0].to(device) if packed else None
+        logp = sequence_logprobs(model, x.to(device), y.to(device), groups=2,
+                                 packed=layout).cpu()  # (R,)
         loss, margin = objectives.dpo_loss(logp[chosen], logp[rejected], ref[chosen],
                                            ref[rejected], beta)  # margin (b,)
         losses.append(float(loss) * len(chosen))
@@ -108,7 +111,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     T = model.config.block_size
     train_rows, held_rows = split_rows(read_rankings(cfg.data.path), cfg.data.val_fraction,
                                        cfg.data.split_seed)
-    data, held = (PairData(train_rows, tok, template, T), PairData(held_rows, tok, template, T))
+    data, held = (PairData(train_rows, tok, template, T, cfg.data.pack),
+                  PairData(held_rows, tok, template, T, cfg.data.pack))
     if not len(data):
         raise UserError(f"no ranking of {cfg.data.path} gives an ordered pair that fits the "
                         f"model's {T}-token window")

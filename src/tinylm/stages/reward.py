@@ -68,6 +68,8 @@ class RankingDataConfig:
     heldout: str = ""  # rankings JSONL held out instead of a share of `path`: every prompt
     # in it is left out of training, so rankings added to `path` keep one held-out set
     eval_batch_size: int = 8  # prompts per evaluation batch
+    pack: bool = True  # a batch's answers to one prompt share its positions (layers.Packed):
+    # the same numbers on fewer positions; false: the plain right-padded batch
 
 
 @dataclass
@@ -128,8 +130,8 @@ def load_rankings(cfg: RankingDataConfig, tok: Tokenizer, template: str, block_s
     if cfg.heldout:
         print(f"reward: held out the {len(held_rows)} rankings of {cfg.heldout}; "
               f"{len(train_rows)} of {cfg.path} train")
-    data = RankingData(train_rows, tok, template, block_size)
-    held = RankingData(held_rows, tok, template, block_size)
+    data = RankingData(train_rows, tok, template, block_size, cfg.pack)
+    held = RankingData(held_rows, tok, template, block_size, cfg.pack)
     if not len(data):
         raise UserError(f"no ranking of {cfg.path} has two differently ranked answers that fit "
                         f"the model's {block_size}-token window")

@@ -36,7 +36,9 @@ Where this departs from the textbook algorithm, and why:
   logprobs come from, so both sides of the KL are read alike; the frozen reference's twin is
   built once. Every logprob is computed on the answer tokens only: the trunk runs on the whole
   row, the head and the logsumexp only where an answer token is predicted (never on the
-  prompt or the padding, and no (N, L, V) log-softmax is made).
+  prompt or the padding, and no (N, L, V) log-softmax is made). The training forwards
+  (policy and value) lay each prompt out once beside its K answers (`shared_prompts`,
+  models/layers.py Packed): the same numbers on about a third fewer positions.
 - The value model is a network of its own (the reward model's backbone and head, trained per
   token), with its own optimizer: no shared trunk, so there is no value-loss weight (vf_coef).
 - GAE's advantages are whitened once per rollout, over all its real tokens, not per
@@ -71,6 +73,7 @@ from tinylm.errors import UserError
 from tinylm.feedback.preferences import logits_at
 from tinylm.infer.engine import Completion, Engine, SamplingParams
 from tinylm.infer.fast import FastGPT
+from tinylm.models.layers import Packed
 from tinylm.rundir import save_model
 from tinylm.train import checkpoint
 from tinylm.train.loop import MetricsLog, Setup, TrainConfig, optimizer_step, setup
@@ -303,16 +306,28 @@ def answer_tokens(start: torch.Tensor, mask: torch.Tensor
     return rows, j, start[rows] + j
 
 
+def shared_prompts(ids: torch.Tensor, start: torch.Tensor, mask: torch.Tensor) -> Packed:
+    """The Packed layout (models/layers.py) of a rollout's rows (N, L): the K answers to one
+    prompt share it, so the trunk computes each prompt once and no padding after an answer."""
+    lengths = (start + mask.sum(1).long()).tolist()
+    seqs = [row[:n] for row, n in zip(ids.tolist(), lengths)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for n, s in enumerate(start.tolist()):
+        groups.setdefault(tuple(seqs[n][:s]), []).append(n)
+    return Packed.pack(seqs, list(groups.values()), ids.shape[1], pad_id=0).to(ids.device)
+
+
 def answer_logprobs(model: nn.Module | FastGPT, ids: torch.Tensor, start: torch.Tensor,
-                    mask: torch.Tensor, temperature: float, entropy: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    mask: torch.Tensor, temperature: float, entropy: bool = False,
+                    packed: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logprob of each answer token, entropy of the distribution it was drawn from, when
     asked, no gradient), both (N, R) and 0 off the answers, under `model`'s distribution at
     `temperature`. The head and the softmax run on the real answer tokens only: not on the
     prompt or the padding (a third of a GRPO rollout's positions), and no (N, L, V) or
-    log-softmax tensor is made: logp = logit of the token - logsumexp."""
+    log-softmax tensor is made: logp = logit of the token - logsumexp. `packed`
+    (`shared_prompts`) runs a GPT's trunk on each prompt once."""
     rows, j, tok = answer_tokens(start, mask)
-    logits = logits_at(model, ids, rows, tok - 1).float()  # (n, V)
+    logits = logits_at(model, ids, rows, tok - 1, packed).float()  # (n, V)
     if temperature != 1.0:
         logits = logits / temperature
     lse = logits.logsumexp(-1)  # (n,)
@@ -338,10 +353,10 @@ def inference_twin(model: nn.Module) -> FastGPT | nn.Module:
 
 
 def answer_values(value_model: nn.Module, ids: torch.Tensor, start: torch.Tensor,
-                  R: int) -> torch.Tensor:
+                  R: int, packed: Packed | None = None) -> torch.Tensor:
     """(N, R) the value of the state before each answer token: the value model's per-token
-    output at the position that predicts it."""
-    v = value_model(ids)  # (N, L) or (N, L, 1)
+    output at the position that predicts it (its trunk on `packed` when given: PerToken)."""
+    v = value_model(ids) if packed is None else value_model(ids, packed)  # (N, L) or (N, L, 1)
     if v.dim() == 3:
         v = v[..., 0]
     pred, _ = answer_positions(start, R, ids.shape[1])
@@ -357,8 +372,8 @@ class PerToken(nn.Module):
         self.rm = reward_model
         self.family, self.config = reward_model.family, reward_model.config
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.rm.values(idx)  # (B, T)
+    def forward(self, idx: torch.Tensor, packed: Packed | None = None) -> torch.Tensor:
+        return self.rm.values(idx, packed)  # (B, T)
 
     def optim_groups(self) -> dict[str, list[nn.Parameter]]:
         return self.rm.optim_groups()
@@ -484,7 +499,8 @@ class PPOTrainer:
         values = torch.zeros_like(sc["logp"])
         if self.val is not None:
             with self.val.autocast:
-                values = answer_values(self.val.model, ids, start, mask.shape[1]) * mask
+                values = answer_values(self.val.model, ids, start, mask.shape[1],
+                                       shared_prompts(ids, start, mask)) * mask
         rewards = token_rewards(sc["scores"], sc["kl"], mask, self.kl.value)
         if c.advantage == "gae":
             adv, returns = gae(rewards, values, mask, c.gamma, c.lam)
@@ -501,7 +517,7 @@ class PPOTrainer:
         def objective(model: nn.Module, batch: tuple[torch.Tensor, ...]):
             ids, start, mask, old_logp, adv = batch[:5]
             logp, entropy = answer_logprobs(model, ids, start, mask, c.temperature,
-                                            entropy=True)
+                                            entropy=True, packed=shared_prompts(ids, start, mask))
             loss, st = policy_loss(logp, old_logp, adv, mask, c.cliprange)
             _add(stats, "policy/clipfrac_avg", st["clipfrac"])
             _add(stats, "policy/approxkl_avg", st["approxkl"])
@@ -522,7 +538,7 @@ class PPOTrainer:
 
         def objective(model: nn.Module, batch: tuple[torch.Tensor, ...]):
             ids, start, mask, _, _, old_v, returns = batch[:7]
-            v = answer_values(model, ids, start, mask.shape[1])
+            v = answer_values(model, ids, start, mask.shape[1], shared_prompts(ids, start, mask))
             loss, st = value_loss(v, old_v, returns, mask, c.cliprange_value)
             _add(stats, "loss/value_avg", loss.detach())
             _add(stats, "val/clipfrac_avg", st["clipfrac"])
