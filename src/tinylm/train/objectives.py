@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm.feedback.preferences import ranked_pairs_mask, sequence_logprobs
+from tinylm.feedback.preferences import ranked_pairs_mask, reward_forward, sequence_logprobs
 
 
 class Objective(Protocol):
@@ -77,10 +77,8 @@ def reward_ranking(model: nn.Module, batch: tuple[torch.Tensor, ...]
     the trunk computes: the answers' (and each prompt's K times) unpacked, the packed rows'
     with packing."""
     ids, end, ranks, *packed = batch
-    B, K, T = ids.shape
-    layout = packed[0] if packed else None
-    rewards = model(ids.view(B * K, T), end.reshape(B * K), layout).view(B, K)  # (B, K)
-    tokens = layout.tokens if layout else int(((end + 1) * (ranks >= 0)).sum())
+    rewards = reward_forward(model, ids, end, packed, ids.device)  # (B, K)
+    tokens = packed[0].tokens if packed else int(((end + 1) * (ranks >= 0)).sum())
     return kwise_ranking_loss(rewards, ranks), tokens
 
 
