@@ -346,7 +346,7 @@ def trl_grpo(spec: dict) -> dict:
     template = rundir.chat_template(sft, required=True)
     end_id = turn_end_ids(tl_tok, template)[0]
     score = reward_fn(load_reward(spec["reward_run"], tl_tok), tl_tok.pad_id,
-                      torch.device("cpu"))
+                      torch.device("cpu"), torch.bfloat16 if spec["dtype"] == "bf16" else None)
 
     def reward(prompts, completions, completion_ids, **kw) -> list[float]:
         """The tinylm reward model, as `tinylm ppo` calls it (stages.ppo.reward_fn)."""

@@ -62,6 +62,27 @@ def test_fp32_logits_equal_the_models(name, pack):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["qwen3-like", "gpt2"])
+def test_answer_states_share_each_prompt_and_equal_the_full_rows(name):
+    """K answers continue one cached copy of their prompt (prompts of different lengths, so
+    left-padded): the states equal the model's on the full right-padded rows."""
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[name]).eval()
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [3, 4, 5, 6, 7]]  # the first and last are one prompt
+    answers = [[10, 11, 12], [13], [14, 15, 16, 17]]
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    ids = torch.tensor([s + [0] * (9 - len(s)) for s in seqs])
+    start, lengths = torch.tensor([5, 2, 5]), torch.tensor([3, 1, 4])
+    with torch.no_grad():
+        full = model.hidden_states(ids)  # (N, L, C)
+        got = FastGPT(model).answer_states(ids, start, lengths)  # (N, 1 + R, C)
+    assert got.shape == (3, 5, full.shape[-1])
+    for n in range(3):
+        s, a = int(start[n]), int(lengths[n])
+        torch.testing.assert_close(got[n, : a + 1], full[n, s - 1 : s + a], atol=1e-5,
+                                   rtol=1e-5)
+
+
 # A value to try for each GPTConfig field that FastGPT takes in any value (a field missing here
 # is tried at its default); a field with listed values is tried at each of them.
 OTHER_VALUES = {"vocab_size": 60, "block_size": 32, "depth": 2, "n_layer": 1, "n_head": 4,

@@ -214,9 +214,11 @@ def sampled_share(model: GPT) -> float:
 
 
 # grpo also runs at temperature 0.9: the policy is then the tempered distribution, whose
-# logprobs are recomputed rather than taken from the engine
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_ppo_raises_the_frequency_of_the_rewarded_token(tmp_path, advantage):
+# logprobs are recomputed rather than taken from the engine; and in bf16, where rollouts, the
+# reference and the recomputed logprobs run on bf16 twins (the training arithmetic)
+@pytest.mark.parametrize("advantage,dtype", [("gae", "float32"), ("grpo", "float32"),
+                                             ("grpo", "bfloat16")])
+def test_ppo_raises_the_frequency_of_the_rewarded_token(tmp_path, advantage, dtype):
     policy = tiny_gpt()
     before = sampled_share(policy)
     models = ppo.Models(policy, copy.deepcopy(policy), reward_favouring,
@@ -225,13 +227,15 @@ def test_ppo_raises_the_frequency_of_the_rewarded_token(tmp_path, advantage):
                         advantage=advantage, kl_coef=0.01, missing_eos_penalty=0.0,
                         value_lr=3e-3, temperature=1.0 if advantage == "gae" else 0.9)
     tcfg = TrainConfig(steps=12, batch_size=8, optimizer="adamw", lr=3e-3, warmup_steps=1,
-                       schedule="constant", dtype="float32", device="cpu", progress=False,
+                       schedule="constant", dtype=dtype, device="cpu", progress=False,
                        log_every=1, grad_clip=1.0)
     def gold(index, texts):  # a labeler that cannot judge prompt 0's answers (NaN)
         return torch.tensor([float("nan") if i == 0 else 1.0 for i in index])
 
     trainer = ppo.PPOTrainer(models, PROMPTS, cfg, tcfg, tmp_path / "run", END, PAD,
                              gold=gold)
+    arithmetic = getattr(torch, dtype)
+    assert trainer.engine.dtype == trainer.ref_net.weight_dtype == arithmetic
     last = trainer.train()
     assert last["objective/gold"] == 1.0  # the mean over the answers it could judge
     after = sampled_share(policy)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tinylm.data import chat
@@ -58,6 +59,13 @@ def hidden_states(model: GPT | FastGPT, ids: torch.Tensor, packed: Packed | None
     return model.hidden_states(ids, packed=packed)
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) (n,) of each row of logits (n, V), in fp32. One fused log-softmax, and
+    its fused backward: a third less time than the target's logit minus a logsumexp, which
+    autograd runs as half a dozen passes over the (n, V) logits."""
+    return F.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+
+
 def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: int = 1,
                       packed: Packed | None = None) -> torch.Tensor:
     """The summed log-probability of each row's targets: x, y (B, T), y = -100 off the
@@ -71,8 +79,7 @@ def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups
     about proportional to them).
 
     The head runs only at the target positions (`logits_at`: the answers, a fraction of the
-    padded batch), and log p(target) is the target's logit minus the logsumexp of its row: no
-    (B, T, V) log-softmax is written."""
+    padded batch), and so does the log-softmax: no (B, T, V) tensor is made."""
     keep = y != -100  # (B, T)
     if groups > 1 and x.shape[0] > 1 and packed is None:
         ends = (keep * torch.arange(1, x.shape[1] + 1, device=x.device)).amax(-1)  # (B,)
@@ -83,8 +90,8 @@ def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups
             parts.append(sequence_logprobs(model, x[g, :t], y[g, :t]))  # (len(g),)
         return torch.cat(parts)[order.argsort()]  # (B,) in the rows' order
     rows, pos = keep.nonzero(as_tuple=True)  # (N,) each: the target positions
-    logits = logits_at(model, x, rows, pos, packed).float()  # (N, V)
-    picked = logits.gather(-1, y[rows, pos, None])[:, 0] - logits.logsumexp(-1)  # (N,)
+    logits = logits_at(model, x, rows, pos, packed)  # (N, V)
+    picked = token_logprobs(logits, y[rows, pos])  # (N,)
     return torch.zeros(x.shape[0], dtype=picked.dtype, device=x.device).index_add(0, rows,
                                                                                   picked)
 

@@ -685,6 +685,33 @@ class FastGPT:
         cache.advance(T)
         return self.norm_f(x).view(B, T, c.d_model)
 
+    def answer_states(self, ids: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor
+                      ) -> torch.Tensor:
+        """Hidden states (N, 1 + R, C) of rows ids (N, L) that are a prompt (the first
+        start[n] >= 1 tokens) and an answer (the next lengths[n]): [n, 0] at the prompt's last
+        token, [n, 1 + j] at answer token j (R = the longest answer). So [n, j] is the state
+        that predicts answer token j, and [n, lengths[n]] the one at the answer's last token.
+
+        Each distinct prompt is computed once (left-padded, into a cache), which its rows
+        then share: the K answers to a prompt continue one copy of it, as the engine samples
+        them. The same numbers as the full rows, on a third fewer positions for a rollout of
+        4 answers per prompt."""
+        rows, st = ids.tolist(), start.tolist()
+        groups: dict[tuple[int, ...], int] = {}
+        index = [groups.setdefault(tuple(r[:s]), len(groups)) for r, s in zip(rows, st)]
+        prompts = list(groups)
+        Lp, R = max(map(len, prompts)), max(int(lengths.max()), 1)
+        pad = torch.tensor([Lp - len(p) for p in prompts], device=ids.device)
+        p_ids = torch.tensor([[0] * (Lp - len(p)) + list(p) for p in prompts],
+                             device=ids.device)  # (P, Lp)
+        cache = self.new_cache(len(prompts), Lp + R, pad if bool(pad.any()) else None)
+        last = self.hidden_states(p_ids, cache)[:, -1]  # (P, C)
+        g = torch.tensor(index, device=ids.device)  # (N,) each row's prompt
+        cache.select(g)
+        j = (start[:, None] + torch.arange(R, device=ids.device)).clamp(max=ids.shape[1] - 1)
+        answers = self.hidden_states(ids.gather(1, j), cache)  # (N, R, C)
+        return torch.cat((last[g, None], answers), 1)
+
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (N, C) in the activations' dtype for token ids (N,)."""
         if self.emb_int8 is None:

@@ -40,7 +40,7 @@ from tinylm.perf import pick_device
 from tinylm.stages.common import batch_generator, load_reference, prepare_run_dir
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import ppo
-from tinylm.train.loop import TrainConfig
+from tinylm.train.loop import TrainConfig, train_dtype
 
 
 @dataclass
@@ -65,20 +65,22 @@ class PPOStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def reward_fn(model: RewardModel, pad_id: int, device: torch.device) -> ppo.RewardFn:
+def reward_fn(model: RewardModel, pad_id: int, device: torch.device,
+              dtype: torch.dtype | None = None) -> ppo.RewardFn:
     """The reward model as a callable over (prompt ids, answer ids): right-padded prompt +
     answer, read at the answer's last token (its end-of-answer token when it has one, where
     the model was trained to read), normalised by the mean and spread the reward stage
-    recorded, so ppo.missing_eos_penalty and ppo.kl_coef are in units of its spread."""
+    recorded, so ppo.missing_eos_penalty and ppo.kl_coef are in units of its spread. The
+    trunk runs in `dtype` (None: the model's own; PPO passes its training arithmetic)."""
     model.eval().requires_grad_(False).to(device)
-    trunk = ppo.inference_twin(model.backbone)  # frozen: one twin for the whole run
+    trunk = ppo.inference_twin(model.backbone, dtype)  # frozen: one twin for the whole run
 
     @torch.inference_mode()
     def score(prompts, answers) -> torch.Tensor:
         seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
         ids = ppo.pad_rows(seqs, max(map(len, seqs)), pad_id, torch.long).to(device)
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        h = hidden_states(trunk, ids)  # (N, L, C)
+        h = hidden_states(trunk, ids).float()  # (N, L, C)
         return model.normalized(model.read(h, last)).float().cpu()  # (N,)
 
     return score
@@ -162,7 +164,8 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
             rundir.save_chat_template(run_dir / "value", template)
 
     device = pick_device(cfg.train.device)
-    models = ppo.Models(policy, ref, reward_fn(rm, tok.pad_id, device), value)
+    score = reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device))
+    models = ppo.Models(policy, ref, score, value)
     trainer = ppo.PPOTrainer(models, prompts, cfg.ppo, cfg.train, run_dir, end_id, tok.pad_id,
                              tokenizer=tok, gold=gold_fn(cfg.data.gold, train_rows),
                              ptx_batch=ptx_batches(cfg, tok, policy.config.block_size),

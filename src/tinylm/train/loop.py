@@ -160,12 +160,17 @@ class Setup:
     resumed: dict[str, Any]  # the loop state of the resumed step; {} when starting fresh
 
 
+def train_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The arithmetic of training on `device`: bf16 weights, or train.dtype's autocast."""
+    return torch.bfloat16 if cfg.bf16_weights else pick_dtype(cfg.dtype, device)
+
+
 def setup(model: nn.Module, cfg: TrainConfig, run_dir: Path | None = None,
           resume: bool = False) -> Setup:
     """Device, dtype, threads, process group, optimizers, the resumed state (from run_dir),
     the bf16 compute copy, DDP and compile, in the order they depend on each other."""
     device = pick_device(cfg.device)
-    dtype = torch.bfloat16 if cfg.bf16_weights else pick_dtype(cfg.dtype, device)
+    dtype = train_dtype(cfg, device)
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     dinfo = init_distributed(device)
