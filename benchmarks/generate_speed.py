@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tinylm import kernels
 from tinylm.hf import export_hf
-from tinylm.infer import kernels
 from tinylm.infer.engine import Engine, SamplingParams, naive_generate
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
 from tinylm.rundir import save_model

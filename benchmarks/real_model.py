@@ -42,10 +42,9 @@ from pathlib import Path
 import torch
 
 import tinylm
-from tinylm import rundir
+from tinylm import kernels, rundir
 from tinylm.cli import main as tinylm_main
 from tinylm.data.chat import render
-from tinylm.infer import kernels
 from tinylm.infer.chat import turn_end_ids
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import AUTO_BATCHES, FastGPT, auto_plan, native_bf16, resolve_dtype

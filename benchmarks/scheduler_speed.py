@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tinylm.infer import kernels
+from tinylm import kernels
 from tinylm.infer.engine import Engine, SamplingParams, Scheduler
 from tinylm.models.gpt import GPT, GPTConfig
 

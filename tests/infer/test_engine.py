@@ -358,7 +358,8 @@ def test_int8_kernel_takes_widths_that_are_not_multiples_of_16():
     """The C kernel multiplies with AVX2 only when K % 16 == 0; a Linear of another width (a
     SwiGLU hidden of 680, say) keeps zero columns after its int8 weight and pads x per call,
     which changes no dot product: kernel rows agree with the wide path's and with fp32."""
-    from tinylm.infer import fast, kernels
+    from tinylm import kernels
+    from tinylm.infer import fast
 
     if not kernels.available():
         pytest.skip("no C compiler here")

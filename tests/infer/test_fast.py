@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import tinylm.infer.fast as fast
+from tinylm import kernels
 from tinylm.errors import UserError
-from tinylm.infer import kernels
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import FastGPT, native_bf16
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style

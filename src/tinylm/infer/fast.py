@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylm import kernels
 from tinylm.errors import UserError
 from tinylm.files import atomic_write_text
-from tinylm.infer import kernels
 from tinylm.models.gpt import GPT, GPTConfig
 from tinylm.models.layers import KVCache
 from tinylm.perf import DTYPES

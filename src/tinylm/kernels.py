@@ -1,6 +1,8 @@
-"""Small C kernels for CPU inference (kernels.c): one decode step's attention over a bf16 KV
-cache, RMSNorm in one loop, and matmuls by int8 or bf16 weights (one row, a batch's few, or a
-prompt's hundreds: blocked as a matmul library blocks them).
+"""Small C kernels for the CPU (kernels.c): for inference (infer/fast.py), one decode step's
+attention over a bf16 KV cache and matmuls by int8 or bf16 weights (one row, a batch's few, or
+a prompt's hundreds: blocked as a matmul library blocks them); for inference and training
+(models/layers.py RMSNorm), RMSNorm and its backward, each one loop. This module sits below
+the models so that both can call it; it imports nothing of tinylm.
 
 They are compiled with the system's C compiler on first use (about a quarter of a second) into
 $TINYLM_CACHE/kernels (default ~/.cache/tinylm), keyed by the source, the flags and the CPU, and
@@ -22,10 +24,9 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
-
-from tinylm.models.layers import KVCache
 
 SOURCE = Path(__file__).with_name("kernels.c")
 KEY_BLOCK = 16  # as in kernels.c: the cache stores keys in transposed blocks of 16 positions
@@ -83,6 +84,8 @@ def _library() -> ctypes.CDLL | None:
     dll.decode_attention.restype = None
     dll.rms_norm.argtypes = [ptr] * 3 + [i64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     dll.rms_norm.restype = None
+    dll.rms_norm_backward.argtypes = [ptr] * 5 + [i64] * 2 + [ctypes.c_float] + [ctypes.c_int] * 2
+    dll.rms_norm_backward.restype = None
     dll.int8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int,
                                 ctypes.c_int, i64, ctypes.c_int]
     dll.int8_linear.restype = None
@@ -93,11 +96,12 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether a FastGPT built now will use the kernels (TINYLM_KERNELS=0 turns them off)."""
+    """Whether the kernels are built and on (TINYLM_KERNELS=0 turns them off): a FastGPT made
+    now uses them, and so does RMSNorm on a CPU."""
     return os.environ.get("TINYLM_KERNELS", "1") != "0" and _library() is not None
 
 
-def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, start: torch.Tensor,
+def decode_attention(qkv: torch.Tensor, cache: Any, layer: int, start: torch.Tensor,
                      qk_norm: torch.Tensor | None, eps: float,
                      rope: tuple[torch.Tensor, torch.Tensor] | None, n_head: int = 0
                      ) -> torch.Tensor:
@@ -107,7 +111,8 @@ def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, start: torch
     QK-norm with weights qk_norm (2, D)
     fp32 if given, rotary embedding with rope = (cos, signed sin) rows (B or 1, D) fp32 if
     given, k and v written into `cache` (bf16, `key_block=KEY_BLOCK`) at cache.pos, then
-    attention over each row's positions start[b]..cache.pos. The caller advances the cache."""
+    attention over each row's positions start[b]..cache.pos. `cache` is a models.layers
+    KVCache; the caller advances it."""
     ks, vs = cache.k_layers[layer], cache.v_layers[layer]  # (B, Hk, blocks, D, KEY_BLOCK)
     B, Hk, _, D, block = ks.shape
     H = n_head or Hk
@@ -145,6 +150,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
                         N * G, C, G, x.stride(0), eps, x.dtype == torch.bfloat16,
                         torch.get_num_threads())
     return out
+
+
+def rms_norm_backward(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients (dx of x's dtype, dweight fp32 or None) of `rms_norm` over the last
+    dimension of contiguous bf16 or fp32 x for the output's gradient g (made x's dtype and
+    contiguous here), with weight fp32 (C,) or None."""
+    assert x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+    C = x.shape[-1]
+    g = g.to(x.dtype).contiguous()
+    threads = torch.get_num_threads()
+    dx = torch.empty_like(x)
+    dw = None if weight is None else torch.zeros(threads, C)
+    _library().rms_norm_backward(x.data_ptr(), g.data_ptr(), _ptr(weight), dx.data_ptr(),
+                                 _addr(dw), x.numel() // C, C, eps, x.dtype == torch.bfloat16,
+                                 threads)
+    return dx, None if dw is None else dw.sum(0)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.infer import kernels
+from tinylm import kernels
 from tinylm.infer.engine import Engine, SamplingParams
 from tinylm.infer.fast import FastGPT
 from tinylm.models.gpt import GPT, GPTConfig, gpt2_style
@@ -88,6 +88,31 @@ def test_c_rms_norm_equals_pytorchs_on_rows_and_on_q_and_k_inside_a_fused_qkv(dt
     got = kernels.rms_norm(qk.view(6, 8, 16), None, 1e-6).view(qk.shape)
     torch.testing.assert_close(got.float(), F.rms_norm(qk.float(), (16,), None, 1e-6),
                                atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("rows,threads", [(5, 2), (300, 1), (300, 2)])
+def test_c_rms_norm_backward_equals_autograds(dtype, weighted, rows, threads, monkeypatch):
+    """dx and the weight's gradient, summed over rows in per-thread partial sums when the
+    rows are many enough to split between threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    x, g = torch.randn(rows, 80).to(dtype), torch.randn(rows, 80).to(dtype)
+    w = torch.rand(80) + 0.5 if weighted else None
+    xf = x.float().requires_grad_()
+    wf = w.clone().requires_grad_() if weighted else None
+    want = torch.autograd.grad(F.rms_norm(xf, (80,), wf, 1e-6), [xf] + [wf] * weighted,
+                               g.float())
+    dx, dw = kernels.rms_norm_backward(x, g, w, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert dx.dtype == dtype
+    torch.testing.assert_close(dx.float(), want[0], atol=tol, rtol=tol)
+    if weighted:
+        torch.testing.assert_close(dw, want[1], atol=1e-3, rtol=1e-4)
+    else:
+        assert dw is None
 
 
 @needs_kernel
