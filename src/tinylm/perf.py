@@ -57,6 +57,19 @@ def cpu_bf16_is_fast() -> bool:
     return bool(cached[key]["bf16_fast"])
 
 
+def measured(name: str, measure):
+    """`measure()`'s result (JSON), measured once per machine (_machine_key) and cached under
+    `name` in $TINYLM_CACHE/perf.json, so every process on the machine takes the same path."""
+    key = _machine_key()
+    cached = _read_cache()
+    if name not in cached.get(key, {}):
+        value = measure()
+        cached = _read_cache()  # what the measurement itself may have written
+        cached.setdefault(key, {})[name] = value
+        _write_cache(cached)
+    return cached[key][name]
+
+
 def fast_dtype(device: torch.device) -> torch.dtype:
     """bf16 where it is the faster matmul (CUDA, and CPUs where it measured faster), else
     fp32: for arithmetic whose precision bf16 is enough for (Muon's Newton-Schulz)."""

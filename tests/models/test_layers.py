@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tinylm import kernels
+from tinylm.models import layers
 from tinylm.models.layers import RMSNorm
 
 
@@ -51,3 +52,44 @@ def test_rmsnorm_without_the_kernels_is_pytorchs(monkeypatch):
     want = F.rms_norm(x, (16,), norm.weight, 1e-6)
     assert torch.equal(y, want)
     assert torch.allclose(gx, torch.autograd.grad(want, x, g, retain_graph=True)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_on_attention_by_hand_equals_it_on_sdpa(dtype, monkeypatch):
+    """Where by_hand_upto sends short causal rows by hand, the logits and every gradient are
+    SDPA's (plain causal rows, and packed rows with their block mask)."""
+    from tinylm.models.gpt import GPT, GPTConfig
+    from tinylm.models.layers import Packed
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, d_model=64,
+                          mlp="swiglu", qk_norm=True, zero_init=False)).to(dtype)
+    ids = torch.randint(0, 40, (3, 12))
+    packed = Packed.pack([[1, 2, 3, 4, 5], [1, 2, 3, 6], [7, 8]], [[0, 1], [2]], 8, 0)
+
+    def run(upto):
+        monkeypatch.setattr(layers, "by_hand_upto", lambda dt: upto)
+        model.zero_grad()
+        h = model.hidden_states(ids)
+        plain = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 6, 0], [7, 8, 0, 0, 0]])
+        hp = model.hidden_states(plain, packed=packed)
+        (h.float().square().mean() + hp.float().square().mean()).backward()
+        return [h, hp] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for got, want in zip(run(1 << 20), run(0)):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_by_hand_upto_is_measured_once_per_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
+    races = []
+    monkeypatch.setattr(layers, "_by_hand_race", lambda dtype: races.append(dtype) or 128)
+    layers.by_hand_upto.cache_clear()
+    try:
+        assert layers.by_hand_upto(torch.bfloat16) == 128
+        layers.by_hand_upto.cache_clear()  # another process on the machine: reads the file
+        assert layers.by_hand_upto(torch.bfloat16) == 128
+        assert races == [torch.bfloat16] and (tmp_path / "perf.json").is_file()
+    finally:
+        layers.by_hand_upto.cache_clear()
