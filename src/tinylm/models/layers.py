@@ -172,7 +172,7 @@ class KVCache:
 
     `key_block` > 0 stores the keys in blocks of that many positions, each block transposed:
     (n_layer, B, H, blocks, head_dim, key_block), the layout the C decode kernel reads fastest
-    (infer/kernels.c). `keys()` and `append()` still return (B, H, positions, head_dim).
+    (kernels.c). `keys()` and `append()` still return (B, H, positions, head_dim).
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int,
