@@ -56,7 +56,7 @@ def test_rmsnorm_without_the_kernels_is_pytorchs(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpt_on_attention_by_hand_equals_it_on_sdpa(dtype, monkeypatch):
-    """Where by_hand_upto sends short causal rows by hand, the logits and every gradient are
+    """Where by_hand_table sends causal rows by hand, the logits and every gradient are
     SDPA's (plain causal rows, and packed rows with their block mask)."""
     from tinylm.models.gpt import GPT, GPTConfig
     from tinylm.models.layers import Packed
@@ -67,8 +67,8 @@ def test_gpt_on_attention_by_hand_equals_it_on_sdpa(dtype, monkeypatch):
     ids = torch.randint(0, 40, (3, 12))
     packed = Packed.pack([[1, 2, 3, 4, 5], [1, 2, 3, 6], [7, 8]], [[0, 1], [2]], 8, 0)
 
-    def run(upto):
-        monkeypatch.setattr(layers, "by_hand_upto", lambda dt: upto)
+    def run(by_hand):
+        monkeypatch.setattr(layers, "by_hand_faster", lambda dt, S: by_hand)
         model.zero_grad()
         h = model.hidden_states(ids)
         plain = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 6, 0], [7, 8, 0, 0, 0]])
@@ -77,19 +77,27 @@ def test_gpt_on_attention_by_hand_equals_it_on_sdpa(dtype, monkeypatch):
         return [h, hp] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     tol = 1e-5 if dtype == torch.float32 else 5e-2
-    for got, want in zip(run(1 << 20), run(0)):
+    for got, want in zip(run(True), run(False)):
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-def test_by_hand_upto_is_measured_once_per_machine(monkeypatch, tmp_path):
+def test_by_hand_is_measured_once_per_machine_and_read_by_length(monkeypatch, tmp_path):
     monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
     races = []
-    monkeypatch.setattr(layers, "_by_hand_race", lambda dtype: races.append(dtype) or 128)
-    layers.by_hand_upto.cache_clear()
+
+    def race(dtype):  # by hand wins below 192 and at 320
+        races.append(dtype)
+        return {str(n): n < 192 or n == 320 for n in layers.BY_HAND_LENGTHS}
+
+    monkeypatch.setattr(layers, "_by_hand_race", race)
+    layers.by_hand_table.cache_clear()
     try:
-        assert layers.by_hand_upto(torch.bfloat16) == 128
-        layers.by_hand_upto.cache_clear()  # another process on the machine: reads the file
-        assert layers.by_hand_upto(torch.bfloat16) == 128
+        assert layers.by_hand_faster(torch.bfloat16, 176)  # the verdict at 160
+        layers.by_hand_table.cache_clear()  # another process on the machine: reads the file
+        assert not layers.by_hand_faster(torch.bfloat16, 235)  # 224's
+        assert layers.by_hand_faster(torch.bfloat16, 10)  # below the first length: 64's
+        assert layers.by_hand_faster(torch.bfloat16, 383)  # 320's
+        assert not layers.by_hand_faster(torch.bfloat16, 4096)  # past the last: SDPA
         assert races == [torch.bfloat16] and (tmp_path / "perf.json").is_file()
     finally:
-        layers.by_hand_upto.cache_clear()
+        layers.by_hand_table.cache_clear()

@@ -10,6 +10,7 @@ encoder) and cross-attention (decoder queries over encoder outputs). It runs thr
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import time
@@ -400,10 +401,10 @@ class Attention(nn.Module):
         gqa = self.n_kv_head < self.n_head  # k, v: (B, n_kv_head, S, D), shared by groups
         drop = self.dropout if self.training else 0.0
         # By hand where it measured faster (short causal rows in bf16 on a CPU: see
-        # by_hand_upto); with no cache, every query of a causal row sees at least itself.
+        # by_hand_table); with no cache, every query of a causal row sees at least itself.
         fast = (self.causal and cache is None and kv is None and not drop
                 and q.device.type == "cpu" and not torch.compiler.is_compiling()
-                and k.shape[2] <= by_hand_upto(q.dtype))
+                and by_hand_faster(q.dtype, k.shape[2]))
         if self.keep_weights or fast:
             if gqa:
                 group = self.n_head // self.n_kv_head
@@ -436,33 +437,46 @@ def attention_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return w @ v, w
 
 
-BY_HAND_LENGTHS = (64, 128, 256, 512, 1024)  # the causal rows by_hand_upto times
+# The causal row lengths by_hand_table races at; a row of length S takes the verdict of the
+# longest of them <= S, and rows longer than the last keep SDPA (by hand holds S x S scores).
+BY_HAND_LENGTHS = (64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
+
+
+def by_hand_faster(dtype: torch.dtype, S: int) -> bool:
+    """Whether causal attention over rows of S keys in `dtype` runs faster by hand
+    (`attention_by_hand`) than through F.scaled_dot_product_attention on this CPU, by the
+    table `by_hand_table` measured."""
+    if S > BY_HAND_LENGTHS[-1]:
+        return False
+    at = BY_HAND_LENGTHS[max(0, bisect.bisect_right(BY_HAND_LENGTHS, S) - 1)]
+    return by_hand_table(dtype)[at]
 
 
 @functools.cache
-def by_hand_upto(dtype: torch.dtype) -> int:
-    """The longest causal row (of BY_HAND_LENGTHS) up to which `attention_by_hand` ran its
-    forward and backward at least 5% faster than F.scaled_dot_product_attention on this CPU
-    in `dtype`; 0 = at none. Measured once per machine (a fraction of a second) and cached
-    (perf.measured). PyTorch 2.13's CPU flash attention is slow on short bf16 rows: on the
-    2-core AMX Xeon 11.7 ms against 3.9 by hand for 32 rows of 64 (4 heads of 64), 11.5
-    against 5.8 at 16 x 128 (the demo's pre-training step: 0.433 -> 0.389 s), 8.7 against 8
-    at 8 x 256 (not enough to count), 14.4 against 25 at 4 x 512; in fp32 SDPA wins at every
-    length. Timed at 2048 positions, 4 heads of 64, whatever mode the first call is in."""
-    return int(perf.measured(f"attention by hand up to, {dtype}", lambda: _by_hand_race(dtype)))
+def by_hand_table(dtype: torch.dtype) -> dict[int, bool]:
+    """For each of BY_HAND_LENGTHS, whether `attention_by_hand`'s forward and backward ran at
+    least 5% faster than SDPA's on this CPU in `dtype`, timed at 2048 positions of 4 heads of
+    64 in turns; measured once per machine (about a second) and cached (perf.measured).
+    PyTorch 2.13's CPU flash attention splits the queries into blocks of 32 below 192
+    positions and of 64 from there, so its speed is not monotonic in the length: on the
+    2-core AMX Xeon in bf16, 15 rows of 176 took 20.5 ms against 14.6 by hand, 11 rows of 192
+    10.0 against 12.5, 32 rows of 64 11.7 against 3.9. In fp32 SDPA won at every length."""
+    table = perf.measured(f"attention by hand faster, {dtype}", lambda: _by_hand_race(dtype))
+    return {int(k): bool(v) for k, v in table.items()}
 
 
 @torch.inference_mode(False)
 @torch.enable_grad()
 @torch.autocast("cpu", enabled=False)
-def _by_hand_race(dtype: torch.dtype) -> int:
-    upto, gen = 0, torch.Generator().manual_seed(0)  # the global RNG is left alone
+def _by_hand_race(dtype: torch.dtype) -> dict[str, bool]:
+    gen = torch.Generator().manual_seed(0)  # the global RNG is left alone
+    table = {}
     for T in BY_HAND_LENGTHS:
         shape = (max(1, 2048 // T), 4, T, 64)
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         qkv = [torch.randn(shape, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
         best = {"hand": float("inf"), "sdpa": float("inf")}
-        for _ in range(5):
+        for _ in range(3):
             for name in best:  # in turns, so that load slows both alike
                 t = time.perf_counter()
                 if name == "hand":
@@ -471,10 +485,8 @@ def _by_hand_race(dtype: torch.dtype) -> int:
                     y = F.scaled_dot_product_attention(*qkv, attn_mask=mask)
                 y.float().sum().backward()
                 best[name] = min(best[name], time.perf_counter() - t)
-        if best["hand"] > 0.95 * best["sdpa"]:
-            break
-        upto = T
-    return upto
+        table[str(T)] = best["hand"] < 0.95 * best["sdpa"]
+    return table
 
 
 class MLP(nn.Module):
