@@ -416,24 +416,29 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def _attend_by_hand(self, q, k, v, mask, causal):
-        y, w = attention_by_hand(q, k, v, mask, causal)
+        y, w = attention_by_hand(q, k, v, mask, causal, self.keep_weights)
         if self.keep_weights:
-            self.weights = w.nan_to_num(0.0).detach()  # a padding query (no keys): zeros
+            self.weights = w.detach()
         return y
 
 
 def attention_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor | None, causal: bool
+                      mask: torch.Tensor | None, causal: bool, empty_rows: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(D), masked) v as two matmuls and a softmax in fp32: the output
-    (B, H, T, D) and the weights (B, H, T, S), both in q's dtype."""
+    (B, H, T, D) and the weights (B, H, T, S), both in q's dtype. `empty_rows`: a query the
+    mask leaves no key (a padding query of a padding mask) gets zero weights, not NaN (a
+    pass over the weights that a causal row, which always sees itself, does not need)."""
     scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
     if causal:
         T, S = scores.shape[-2:]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    w = F.softmax(scores * (1 / math.sqrt(q.shape[-1])), -1, dtype=torch.float32).to(q.dtype)
+    w = F.softmax(scores * (1 / math.sqrt(q.shape[-1])), -1, dtype=torch.float32)
+    if empty_rows:
+        w = w.nan_to_num(0.0)
+    w = w.to(q.dtype)
     return w @ v, w
 
 
