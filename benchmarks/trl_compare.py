@@ -15,9 +15,10 @@ ordered pair of the same training rankings (`feedback.io.pair_lines`, what `feed
 
 Three comparisons, each contender a fresh process (load time excluded), in turns (tinylm,
 TRL, tinylm, TRL, ...) so background load falls on both alike; `--threads` threads, CPU, fp32
-weights, and `--dtype` for the arithmetic: fp32 (the default), or bf16 autocast on both sides
-(tinylm's `train.dtype = "bfloat16"`, TRL's `bf16=True`; what `train.dtype = "auto"` picks
-where bf16 matmuls measured faster, as on CPUs with AMX):
+weights, and `--dtype` for the arithmetic: fp32, or bf16 autocast on both sides (tinylm's
+`train.dtype = "bfloat16"`, TRL's `bf16=True`), or `auto` (the default): bf16 where bf16
+matmuls measured faster (`perf.cpu_bf16_is_fast`, as on CPUs with AMX), else fp32, what
+tinylm's `train.dtype = "auto"` picks:
 
 - **reward**: `tinylm reward` (K answers of a prompt in one batch element, one forward per
   answer, all C(K, 2) pairs of it in the loss) against TRL's `RewardTrainer`
@@ -495,8 +496,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=0, help="steps left out of the median "
                    "(default 3, 1 with --quick)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the training "
-                   "arithmetic on both sides: fp32, or bf16 autocast (fp32 weights)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="the training arithmetic on both sides: fp32, or bf16 autocast (fp32 "
+                   "weights); auto: bf16 where bf16 matmuls measured faster here, what "
+                   "tinylm's train.dtype = 'auto' picks")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--split-seed", type=int, default=0)
@@ -527,6 +530,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.warmup = args.warmup or (1 if args.quick else 3)
+    if args.dtype == "auto":
+        from tinylm.perf import cpu_bf16_is_fast
+
+        args.dtype = "bf16" if cpu_bf16_is_fast() else "fp32"
     args.reward_run_given = bool(args.reward_run)
     return args
 
