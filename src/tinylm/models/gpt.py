@@ -138,7 +138,7 @@ class GPT(nn.Module):
         With `packed` (layers.Packed, built from idx's rows) the blocks run on its rows,
         whose shared prefixes are computed once, and the states come back in idx's layout."""
         if packed is not None:
-            return packed.unpack(self._trunk(packed.ids, packed.positions, packed.mask))
+            return packed.unpack(self._trunk(packed.ids, packed.positions, packed))
         T = idx.shape[1]
         positions = cache.positions(T, idx.device) if cache is not None else None
         mask = cache.mask(T, idx.device) if cache is not None else None
@@ -148,7 +148,7 @@ class GPT(nn.Module):
         return h
 
     def _trunk(self, idx: torch.Tensor, positions: torch.Tensor | None,
-               mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+               mask: torch.Tensor | Packed | None, cache: KVCache | None = None) -> torch.Tensor:
         T = idx.shape[1]
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
