@@ -212,3 +212,9 @@ def test_a_database_url_works(tmp_path):
 def test_a_missing_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         Store(tmp_path / "nope" / "fb.db")
+
+
+def test_a_store_that_starts_a_database_makes_its_folder(tmp_path):
+    s = Store(tmp_path / "new" / "fb.db", create_folder=True)
+    comparison(s)
+    assert (tmp_path / "new" / "fb.db").is_file()

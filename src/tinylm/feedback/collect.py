@@ -154,7 +154,7 @@ def collect(run: str | Path, prompts: str | Path | list[PromptRow], k: int = 4,
         prompts, keep=lambda r: lab.can_judge(r.row), limit=limit)
     template = rundir.chat_template(Path(run), required=True)
     model, tok = tinylm.load(run, family="gpt")
-    store = Store(db)
+    store = Store(db, create_folder=True)
     engine = Engine(model, tok, dtype=cfg.dtype, max_batch=cfg.max_batch)
     answers = sample_answers(engine, template, rows, cfg)
     sampling = {k_: v for k_, v in asdict(cfg).items()

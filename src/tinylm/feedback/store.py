@@ -160,10 +160,16 @@ class Store:
     """The feedback database. Every method runs in its own transaction and is safe to call
     from many threads (one Store) or processes (one Store each) at once."""
 
-    def __init__(self, db: str | Path = DEFAULT_DB, busy_timeout: float = BUSY_TIMEOUT_S):
+    def __init__(self, db: str | Path = DEFAULT_DB, busy_timeout: float = BUSY_TIMEOUT_S,
+                 create_folder: bool = False):
+        """create_folder: make a SQLite file's missing folder (`feedback collect`, which
+        starts a database); else a missing folder is an error, so that a mistyped path to an
+        existing database is not read as a new, empty one."""
         url = database_url(db)
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             path = Path(url.removeprefix("sqlite:///"))
+            if create_folder:
+                path.parent.mkdir(parents=True, exist_ok=True)
             if not path.parent.is_dir():
                 raise UserError(f"cannot create the feedback database {path}: folder "
                                 f"{path.parent} does not exist")
