@@ -33,7 +33,7 @@ def no_compiler(request, monkeypatch, tmp_path):
 @needs_kernel
 @pytest.mark.parametrize("qk_norm,rope,shared_rope", [(True, True, False), (False, False, False),
                                                       (False, True, True)])
-@pytest.mark.parametrize("pos,D", [(0, 64), (36, 64), (299, 80), (4, 8)])
+@pytest.mark.parametrize("pos,D", [(0, 64), (36, 64), (17, 32), (40, 128), (299, 80), (4, 8)])
 @pytest.mark.parametrize("Hk", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
 def test_decode_attention_kernel_equals_pytorch(qk_norm, rope, shared_rope, pos, D, Hk):
     """QK-norm, rotary embedding, the cache write at `pos` and attention over each row's

@@ -5,6 +5,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 /* Keys are stored in blocks of KEY_BLOCK positions (kernels.py's KEY_BLOCK), one fp32 vector
  * register of scores on AVX-512. */
@@ -21,6 +24,92 @@ static inline uint16_t float_to_bf16(float f) {
   uint32_t bits;
   memcpy(&bits, &f, sizeof bits);
   return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16); /* round to nearest even */
+}
+
+/* LANES fp32 values in one vector register (GCC/Clang vector extensions: AVX-512's 16, AVX's
+ * 8, SSE's 4), kept in registers where an array's `+=` in a loop round-trips through memory and
+ * chains every add to the last one's store; and the bf16 values that widen into them. A vector
+ * wider than the machine's registers is spilled: 2x slower than scalar code on AVX2. */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vfl __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vhl __attribute__((vector_size(2 * LANES)));
+typedef uint32_t vul __attribute__((vector_size(4 * LANES)));
+
+static inline __attribute__((always_inline)) vfl widen(const uint16_t *p) {
+#if defined(__AVX512F__) /* one vpmovzxwd from memory: GCC 12 builds the vector in halves */
+  return (vfl)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16);
+#elif defined(__AVX2__)
+  return (vfl)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)p)), 16);
+#else
+  vhl h;
+  memcpy(&h, p, sizeof h);
+  vul u = __builtin_convertvector(h, vul) << 16;
+  vfl f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+/* dst (KEY_BLOCK) = q . k for the positions of one key block (D rows of KEY_BLOCK), LANES
+ * positions at a time in 4 partial sums over d: one accumulator is a chain of D dependent adds
+ * (4 cycles each), which was the loop's limit. */
+static inline void block_scores(const uint16_t *block, const float *q, int64_t D, float *dst) {
+  for (int h = 0; h < KEY_BLOCK; h += LANES) {
+    const uint16_t *k = block + h;
+    vfl s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4) {
+      s0 += q[d] * widen(k + d * KEY_BLOCK);
+      s1 += q[d + 1] * widen(k + (d + 1) * KEY_BLOCK);
+      s2 += q[d + 2] * widen(k + (d + 2) * KEY_BLOCK);
+      s3 += q[d + 3] * widen(k + (d + 3) * KEY_BLOCK);
+    }
+    for (; d < D; ++d) s0 += q[d] * widen(k + d * KEY_BLOCK);
+    vfl s = (s0 + s1) + (s2 + s3);
+    memcpy(dst + h, &s, sizeof s);
+  }
+}
+
+/* acc (D) = sum over t in t0..S-1 of p[t] v[t] (v: rows of D bf16). Rows are read front to
+ * back into NC = D / LANES accumulators held in registers (NC a constant where this is
+ * inlined), two sets of them (even and odd t), so the adds do not wait on each other. */
+static inline __attribute__((always_inline)) void weigh_rows(const uint16_t *v, const float *p,
+                                                             int64_t t0, int64_t S, float *acc,
+                                                             const int NC) {
+  const int64_t D = LANES * NC;
+  vfl a[NC], b[NC];
+  for (int c = 0; c < NC; ++c) a[c] = b[c] = (vfl){0};
+  int64_t t = t0;
+  for (; t + 2 <= S; t += 2)
+    for (int c = 0; c < NC; ++c) {
+      a[c] += p[t] * widen(v + t * D + LANES * c);
+      b[c] += p[t + 1] * widen(v + (t + 1) * D + LANES * c);
+    }
+  if (t < S)
+    for (int c = 0; c < NC; ++c) a[c] += p[t] * widen(v + t * D + LANES * c);
+  for (int c = 0; c < NC; ++c) {
+    vfl s = a[c] + b[c];
+    memcpy(acc + LANES * c, &s, sizeof s);
+  }
+}
+
+static inline void weigh_values(const uint16_t *v, const float *p, int64_t t0, int64_t S,
+                                int64_t D, float *acc) {
+  switch (D) { /* the usual head sizes get their own unrolled loop */
+    case 32: weigh_rows(v, p, t0, S, acc, 32 / LANES); return;
+    case 64: weigh_rows(v, p, t0, S, acc, 64 / LANES); return;
+    case 128: weigh_rows(v, p, t0, S, acc, 128 / LANES); return;
+  }
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+  for (int64_t t = t0; t < S; ++t)
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += p[t] * bf16_to_float(v[t * D + d]);
 }
 
 /* decode_attention: one decode step of attention, from the fused qkv projection's output to
@@ -58,9 +147,12 @@ static void rms_rope(float *x, const float *w, float eps, const float *cos, cons
     const float inv = 1.f / sqrtf(sq / D + eps);
     for (int64_t d = 0; d < D; ++d) x[d] *= inv * w[d];
   }
-  if (cos) {
+  if (cos) { /* roll(x, D/2) in two halves: a `% D` per element, an integer division GCC
+               * cannot vectorize, was most of a short row's time */
+    const int64_t h = D / 2;
     for (int64_t d = 0; d < D; ++d) tmp[d] = x[d];
-    for (int64_t d = 0; d < D; ++d) x[d] = tmp[d] * cos[d] + tmp[(d + D / 2) % D] * sin[d];
+    for (int64_t d = 0; d < h; ++d) x[d] = tmp[d] * cos[d] + tmp[d + h] * sin[d];
+    for (int64_t d = h; d < D; ++d) x[d] = tmp[d] * cos[d] + tmp[d - h] * sin[d];
   }
 }
 
@@ -104,18 +196,12 @@ void decode_attention(const uint16_t *qkv, int64_t B, int64_t H, int64_t Hk, int
         const uint16_t *block = kr + blk * D * KEY_BLOCK;
         for (int64_t j = 0; j < G; ++j) {
           const float *qj = q + j * D;
-          float sc[KEY_BLOCK] = {0};
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qj[d];
-#pragma omp simd
-            for (int u = 0; u < KEY_BLOCK; ++u)
-              sc[u] += qd * bf16_to_float(block[d * KEY_BLOCK + u]);
-          }
-          for (int u = 0; u < KEY_BLOCK; ++u) score[j * L + blk * KEY_BLOCK + u] = sc[u];
+          block_scores(block, qj, D, score + j * L + blk * KEY_BLOCK);
         }
       }
       for (int64_t j = 0; j < G; ++j) {
         float *sj = score + j * L, max = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : max) /* else one scalar max after another, 4 cycles each */
         for (int64_t t = t0; t < S; ++t) max = sj[t] > max ? sj[t] : max;
         for (int64_t t = t0; t < S; ++t) {
           sj[t] = expf(sj[t] - max);
@@ -123,17 +209,8 @@ void decode_attention(const uint16_t *qkv, int64_t B, int64_t H, int64_t Hk, int
         }
         sum[j] = total;
       }
-      for (int64_t e = 0; e < G * D; ++e) acc[e] = 0.f;
-      for (int64_t t = t0; t < S; ++t) {
-        const uint16_t *vt = vr + t * D;
-        for (int64_t d = 0; d < D; ++d) tmp[d] = bf16_to_float(vt[d]);  /* widened once */
-        for (int64_t j = 0; j < G; ++j) {
-          const float p = score[j * L + t];
-          float *aj = acc + j * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) aj[d] += p * tmp[d];
-        }
-      }
+      for (int64_t j = 0; j < G; ++j)
+        weigh_values(vr, score + j * L, t0, S, D, acc + j * D);
       for (int64_t j = 0; j < G; ++j) {
         uint16_t *o = out + (b * H + g * G + j) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = float_to_bf16(acc[j * D + d] / sum[j]);
