@@ -4,7 +4,7 @@ a prompt's hundreds: blocked as a matmul library blocks them); for inference and
 (models/layers.py RMSNorm), RMSNorm and its backward, each one loop. This module sits below
 the models so that both can call it; it imports nothing of tinylm.
 
-They are compiled with the system's C compiler on first use (about a quarter of a second) into
+They are compiled with the system's C compiler on first use (about two seconds) into
 $TINYLM_CACHE/kernels (default ~/.cache/tinylm), keyed by the source, the flags and the CPU, and
 called through ctypes: no PyTorch headers, so no half-minute extension build. Where there is no
 compiler, or TINYLM_KERNELS=0, `available()` is False and `FastGPT` keeps an fp32 cache and

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinylm.data import chat
@@ -59,11 +58,45 @@ def hidden_states(model: GPT | FastGPT, ids: torch.Tensor, packed: Packed | None
     return model.hidden_states(ids, packed=packed)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) (n,) of each row of logits (n, V), in fp32. One fused log-softmax, and
-    its fused backward: a third less time than the target's logit minus a logsumexp, which
-    autograd runs as half a dozen passes over the (n, V) logits."""
-    return F.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(target) (n,) of each row of logits (n, V), in fp32, and when asked the rows'
+    entropies (n,), which carry no gradient. It keeps one (n, V) tensor, p = softmax(logits),
+    for a backward of one pass over it, d log p(t) / d logits = onehot(t) - p, where autograd
+    ran four (the gather's zeros and scatter, the log-softmax's backward, the cast from bf16),
+    and the forward reads bf16 logits into fp32 inside the log-softmax, not as a copy first.
+    A GRPO update's (1828, 4096) bf16 logits with entropies: 47 -> 33 ms forward and backward
+    (the two run alternately in one process, 2 threads, Intel Xeon with AMX)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
+        logp_all = torch.log_softmax(logits, -1, dtype=torch.float32)  # (n, V)
+        logp = logp_all.gather(-1, targets[:, None])[:, 0]  # (n,)
+        ent = None
+        if entropy:  # H = -sum p log p, as a dot product per row (no (n, V) product)
+            p = logp_all.exp()
+            ent = -torch.linalg.vecdot(p, logp_all)
+        else:
+            p = logp_all.exp_()
+        ctx.save_for_backward(p, targets)
+        ctx.dtype = logits.dtype
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor, _):
+        p, targets = ctx.saved_tensors
+        grad = p.mul_(-g[:, None])  # p is not needed again: its memory becomes the gradient
+        grad[torch.arange(len(targets), device=grad.device), targets] += g
+        return grad.to(ctx.dtype), None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(target) (n,) of each row of logits (n, V) in fp32, the rows' entropies (n,),
+    without gradient, when asked, else None): `_TokenLogprobs`."""
+    return _TokenLogprobs.apply(logits, targets, entropy)
 
 
 def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: int = 1,
@@ -91,7 +124,7 @@ def sequence_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups
         return torch.cat(parts)[order.argsort()]  # (B,) in the rows' order
     rows, pos = keep.nonzero(as_tuple=True)  # (N,) each: the target positions
     logits = logits_at(model, x, rows, pos, packed)  # (N, V)
-    picked = token_logprobs(logits, y[rows, pos])  # (N,)
+    picked = token_logprobs(logits, y[rows, pos])[0]  # (N,)
     return torch.zeros(x.shape[0], dtype=picked.dtype, device=x.device).index_add(0, rows,
                                                                                   picked)
 

@@ -69,12 +69,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from tinylm.errors import UserError
-from tinylm.feedback.preferences import logits_at
+from tinylm.feedback.preferences import logits_at, token_logprobs
 from tinylm.infer.engine import Completion, Engine, SamplingParams
 from tinylm.infer.fast import FastGPT
 from tinylm.models.layers import Packed
@@ -336,17 +335,11 @@ def answer_logprobs(model: nn.Module | FastGPT, ids: torch.Tensor, start: torch.
         logits = model.logits(h)
     else:
         logits = logits_at(model, ids, rows, tok - 1, packed)
-    logits = logits.float()  # (n, V)
     if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = F.log_softmax(logits, -1)  # (n, V), one fused pass (and backward)
-    logp = logp_all.gather(-1, ids[rows, tok][:, None])[:, 0]  # (n,)
+        logits = logits.float() / temperature  # (n, V)
+    logp, h = token_logprobs(logits, ids[rows, tok], entropy)  # (n,), (n,) or None
     out = logp.new_zeros(mask.shape).index_put((rows, j), logp)  # (N, R)
-    ent = None
-    if entropy:
-        with torch.no_grad():  # H = -sum p log p
-            h = -(logp_all.exp() * logp_all).sum(-1)  # (n,)
-            ent = h.new_zeros(mask.shape).index_put((rows, j), h)
+    ent = None if h is None else h.new_zeros(mask.shape).index_put((rows, j), h)
     return out, ent
 
 
