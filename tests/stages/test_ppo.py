@@ -139,3 +139,28 @@ def test_the_reward_callable_reads_rollouts_as_the_reward_model_does(runs):
                                                                                    - 1])))[0]
                         for p, a in zip(prompts, answers)])
     assert got.shape == (2,) and torch.allclose(got, want, atol=1e-4)
+
+
+def test_the_labeler_as_the_reward_scores_rollouts_as_the_gold_watch_does(runs, tmp_path,
+                                                                          capsys, error_of):
+    """reward = "labeler:request" (the ceiling run): the policy's reward is the labeler's
+    score of each answer's text, so the rollouts' proxy equals their gold score."""
+    stories = write_rows(tmp_path / "stories.jsonl", story_rows())
+    out = tmp_path / "oracle"
+    ppo_stage.run(ppo_cfg(runs, out, "reward='labeler:request'", "ppo.advantage='grpo'",
+                          f"data.prompts='{stories}'", "ppo.missing_eos_penalty=0.0"))
+    it = [r for r in rows_of(out) if "objective/scores" in r]
+    assert len(it) == 4
+    assert all(r["objective/scores"] == pytest.approx(r["objective/gold"]) for r in it)
+    assert not (out / "value").exists()
+    chat_run, _, prompts = runs
+    base = ["ppo", "--init", str(chat_run), "--out", str(tmp_path / "bad"), "--set",
+            "reward='labeler:request'", "--set", "train.steps=1", "--set",
+            "train.progress=false"]
+    assert "cannot judge 4 of the prompts" in error_of(
+        base + ["--data", str(prompts), "--set", "ppo.advantage='grpo'"], capsys)
+    assert "use ppo.advantage = 'grpo'" in error_of(
+        base + ["--data", str(stories), "--set", "ppo.advantage='gae'"], capsys)
+    assert "unknown labeler" in error_of(
+        base + ["--data", str(stories), "--set", "reward='labeler:nope'", "--set",
+                "ppo.advantage='grpo'"], capsys)

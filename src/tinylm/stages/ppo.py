@@ -7,7 +7,9 @@ The policy starts from an SFT run (`init`); a frozen copy of it is the reference
 model (`reward`, a run of `tinylm reward`) scores answers, and a copy of it, trained per
 token, is the value model. Prompts are conversations (JSONL) cut before their first
 assistant turn and rendered through the policy's chat template with the generation prompt;
-an answer ends at the token that closes an assistant turn.
+an answer ends at the token that closes an assistant turn. `reward = "labeler:request"` puts
+the guideline labeler itself in the reward model's place: not RLHF, but the ceiling a perfect
+reward model would allow.
 
 Every evaluation (train.eval_every and the ends) samples one answer to each of the first
 data.eval_prompts held-out prompts, with the same seeds each time, and logs what reward
@@ -59,10 +61,14 @@ class PPOStageConfig:
     out: str = "runs/ppo"
     init: str = ""  # the policy to start from: an SFT run (required)
     ref: str = ""  # the frozen reference of the KL penalty; "" = init (tinylm rlhf: the SFT run)
-    reward: str = ""  # the reward model: a run of `tinylm reward` (required)
+    reward: str = ""  # the reward model: a run of `tinylm reward` (required), or
+    # "labeler:NAME" for the guideline labeler itself (the ceiling: not RLHF, see labeler_reward)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+LABELER = "labeler:"
 
 
 def reward_fn(model: RewardModel, pad_id: int, device: torch.device,
@@ -84,6 +90,32 @@ def reward_fn(model: RewardModel, pad_id: int, device: torch.device,
         return model.normalized(model.read(h, last)).float().cpu()  # (N,)
 
     return score
+
+
+def labeler_reward(name: str, tok: Tokenizer, prompts: list[list[int]], rows: list[dict]
+                   ) -> ppo.RewardFn:
+    """`reward = "labeler:NAME"`: the guideline labeler itself as the reward, on the answer's
+    text as the engine gives it. Not RLHF (the policy sees the gold score it is judged by):
+    the ceiling a perfect reward model would allow, and the run to compare a reward model's
+    against (Gao et al. 2022 study over-optimisation with such a gold reward)."""
+    labeler = labelers.get(name)
+    by_prompt = {tuple(p): r for p, r in zip(prompts, rows)}
+    unjudged = [r for r in rows if not labeler.can_judge(r)]
+    if unjudged:
+        raise UserError(f"the {name} labeler cannot judge {len(unjudged)} of the prompts "
+                        f"(e.g. {chat_preview(unjudged[0])!r}); give it prompts it can score")
+
+    def score(prompt_ids, answer_ids) -> torch.Tensor:
+        return torch.tensor([labeler.score(tok.decode(list(a), skip_special=True),
+                                           by_prompt[tuple(p)])
+                             for p, a in zip(prompt_ids, answer_ids)], dtype=torch.float)
+
+    return score
+
+
+def chat_preview(row: dict) -> str:
+    users = [m["content"] for m in row.get("messages", []) if m.get("role") == "user"]
+    return (users[-1] if users else str(row))[:60]
 
 
 def load_reward(run: str, tok: Tokenizer) -> RewardModel:
@@ -140,7 +172,11 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
     end_id = turn_end_ids(tok, template)[0]
     policy = rundir.load_model(init, family="gpt")
     ref = load_reference(cfg.ref or cfg.init, policy)
-    rm = load_reward(cfg.reward, tok)
+    oracle = cfg.reward.removeprefix(LABELER) if cfg.reward.startswith(LABELER) else ""
+    if oracle and cfg.ppo.advantage == "gae":
+        raise UserError(f"reward = {cfg.reward!r} has no network to start a value model from; "
+                        "use ppo.advantage = 'grpo'")
+    rm = None if oracle else load_reward(cfg.reward, tok)
     value = ppo.PerToken(load_reward(cfg.reward, tok)) if cfg.ppo.advantage == "gae" else None
 
     rows = [r.row for r in read_prompts(cfg.data.prompts)]  # the one prompt reader
@@ -164,7 +200,8 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
             rundir.save_chat_template(run_dir / "value", template)
 
     device = pick_device(cfg.train.device)
-    score = reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device))
+    score = (labeler_reward(oracle, tok, prompts + held, train_rows + held_rows) if rm is None
+             else reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device)))
     models = ppo.Models(policy, ref, score, value)
     trainer = ppo.PPOTrainer(models, prompts, cfg.ppo, cfg.train, run_dir, end_id, tok.pad_id,
                              tokenizer=tok, gold=gold_fn(cfg.data.gold, train_rows),
