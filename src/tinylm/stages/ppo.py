@@ -103,7 +103,8 @@ def labeler_reward(name: str, tok: Tokenizer, prompts: list[list[int]], rows: li
     unjudged = [r for r in rows if not labeler.can_judge(r)]
     if unjudged:
         raise UserError(f"the {name} labeler cannot judge {len(unjudged)} of the prompts "
-                        f"(e.g. {chat_preview(unjudged[0])!r}); give it prompts it can score")
+                        f"(e.g. {unjudged[0]['messages'][-1]['content'][:60]!r}); give it "
+                        "prompts it can score")
 
     def score(prompt_ids, answer_ids) -> torch.Tensor:
         return torch.tensor([labeler.score(tok.decode(list(a), skip_special=True),
@@ -111,11 +112,6 @@ def labeler_reward(name: str, tok: Tokenizer, prompts: list[list[int]], rows: li
                              for p, a in zip(prompt_ids, answer_ids)], dtype=torch.float)
 
     return score
-
-
-def chat_preview(row: dict) -> str:
-    users = [m["content"] for m in row.get("messages", []) if m.get("role") == "user"]
-    return (users[-1] if users else str(row))[:60]
 
 
 def load_reward(run: str, tok: Tokenizer) -> RewardModel:
