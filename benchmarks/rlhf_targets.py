@@ -92,7 +92,7 @@ def request_rows(t: Timer, name: str, policy: str, sft: str, limit: int, samples
         j = t(f"eval-{name.lower()}-{'greedy' if n == 1 else 'sampled'}", judged, policy, sft,
               HELDOUT, ["request"], limit, temp, n)
         req = j["request"]
-        top = ceiling(req["scores_b"], 5.0)
+        top = req["ceiling"]
         pairs = len(req["scores_a"])
         rows.append((f"{name} vs SFT win rate (request, {how}; {req['win']}/{req['tie']}/"
                      f"{req['loss']} of {pairs}, +-{req['win_rate_se']:.3f}; ceiling {top:.3f})",
@@ -103,13 +103,6 @@ def request_rows(t: Timer, name: str, policy: str, sft: str, limit: int, samples
     rows.append((f"{name} mean KL to the SFT run (eval winrate, nats per answer)", kl,
                  "reported", None))
     return rows
-
-
-def ceiling(sft_scores: list[float], top: float) -> float:
-    """The best win rate any policy can have against answers scoring `sft_scores` when a
-    perfect answer scores `top` and ties count half."""
-    imperfect = sum(s < top for s in sft_scores)
-    return (imperfect + 0.5 * (len(sft_scores) - imperfect)) / len(sft_scores)
 
 
 def agreement(j1: dict, j2: dict) -> dict:

@@ -152,6 +152,14 @@ def test_judged_scores_each_sample_against_its_own_prompt():
     texts = {"a": [good[0], good[0], good[1], good[1]], "b": [good[1], good[1], good[0], good[0]]}
     r = judged(texts, rows, "request", samples=2)
     assert (r["win"], r["tie"], r["loss"]) == (4, 0, 0) and r["score_a"] == 5.0
+    assert r["ceiling"] == 1.0  # no B answer names its own prompt's character and object
+    assert "ceiling" not in judged(texts, rows, "textblob", samples=2)  # no top mark
+
+
+def test_the_ceiling_is_what_a_perfect_answer_wins_against_b():
+    # against 5, 4.5, 3, 5: two wins and two ties (4.5 is under the top at resolution 0.5)
+    assert wr.ceiling([5.0, 4.5, 3.0, 5.0], 5.0, 0.5) == 0.75
+    assert wr.ceiling([4.9], 5.0, 0.5) == 0.5  # 4.9 rounds to the top mark: a tie
 
 
 def test_the_win_rate_standard_error_is_over_prompts():

@@ -22,7 +22,9 @@ and loss counts, the win rate (ties count half), mean judge score and mean lengt
 each side, the same for any further judges (`also`: e.g. the reward model beside the gold
 labeler, or TextBlob beside VADER), and the mean KL of A to a reference. With several samples
 per prompt the pairs of one prompt are not independent, so the standard error of the win rate
-(`win_rate_se`) is taken over prompts: the spread of the per-prompt win rates.
+(`win_rate_se`) is taken over prompts: the spread of the per-prompt win rates. For a labeler
+with a top mark (`request`: 5) `ceiling` is the win rate a policy meeting every guideline
+every time would have against B: how much room B leaves (against a strong SFT run, little).
 
 KL to the reference: A samples `kl_samples` answers to every prompt at temperature 1 (the
 policy's own distribution: greedy answers are not samples of it), and for each the summed
@@ -211,14 +213,26 @@ def side_scores(texts: dict[str, list[str]], rows: list[PromptRow], judge: str,
     return a, b, resolution
 
 
+def ceiling(scores_b: list[float], top: float, resolution: float) -> float:
+    """The win rate of answers that always score `top` (meet every guideline) against answers
+    scoring `scores_b`: the most any A can reach against this B, ties counting half. Against
+    a strong B it is low: the headroom RL has over its SFT start (docs/rlhf.md)."""
+    return compare([top] * len(scores_b), scores_b, resolution)["win_rate"]
+
+
 def judged(texts: dict[str, list[str]], rows: list[PromptRow], judge: str,
            samples: int = 1) -> dict:
     """Win/tie/loss (pair j of a prompt: A's j-th answer against B's), its standard error over
-    prompts, and the mean scores of sides a and b by one judge."""
+    prompts, the mean scores of sides a and b by one judge, and for a labeler with a top mark
+    the ceiling: the win rate a perfect A would have against B."""
     sa, sb, resolution = side_scores(texts, rows, judge, samples)
-    return {**compare(sa, sb, resolution),
-            "win_rate_se": win_rate_se(sa, sb, resolution, samples),
-            "score_a": sum(sa) / len(sa), "score_b": sum(sb) / len(sb)}
+    out = {**compare(sa, sb, resolution),
+           "win_rate_se": win_rate_se(sa, sb, resolution, samples),
+           "score_a": sum(sa) / len(sa), "score_b": sum(sb) / len(sb)}
+    top = None if judge.startswith("reward:") else labelers.get(judge).top
+    if top is not None:
+        out["ceiling"] = ceiling(sb, top, resolution)
+    return out
 
 
 def check_sampling(temperature: float, samples: int) -> None:

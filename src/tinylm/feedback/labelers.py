@@ -34,6 +34,7 @@ class Labeler:
     score_fn: Callable[[str, dict], float]  # (answer, prompt row) -> score, higher = better
     resolution: float  # scores are rounded to multiples of this; equal ones tie
     doc: str
+    top: float | None = None  # the score of an answer that meets every guideline, if any
 
     def can_judge(self, row: dict) -> bool:
         """Whether this labeler can score answers to the prompt `row` (the request labeler
@@ -110,7 +111,7 @@ def textblob_score(answer: str, row: dict | None = None) -> float:
 
 LABELERS: dict[str, Labeler] = {lab.name: lab for lab in [
     Labeler("request", request_score, 0.5, "names the requested character and object, ends "
-            "with a finished sentence, repeats no sentence, 20-80 words"),
+            "with a finished sentence, repeats no sentence, 20-80 words", top=5.0),
     Labeler("sentiment", vader_score, 0.05, "happier stories (VADER compound score)"),
     Labeler("textblob", textblob_score, 0.05, "happier stories (TextBlob polarity; the "
             "held-out judge)"),
