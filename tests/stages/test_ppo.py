@@ -141,6 +141,21 @@ def test_the_reward_callable_reads_rollouts_as_the_reward_model_does(runs):
     assert got.shape == (2,) and torch.allclose(got, want, atol=1e-4)
 
 
+def test_an_ensemble_reward_is_the_mean_of_its_models_scores(runs, tmp_path):
+    const = [lambda p, a, v=v: torch.full((len(a),), v) for v in (1.0, 2.0, 6.0)]
+    assert ppo_stage.ensemble_reward(const)([[1]], [[2]]).tolist() == [3.0]
+    assert ppo_stage.ensemble_reward(const[:1]) is const[0]
+    # a model twice in the ensemble scores the rollouts exactly as it does alone
+    _, rm, _ = runs
+    scores = []
+    for name, spec in (("one", rm), ("two", f"{rm}, {rm}")):
+        ppo_stage.run(ppo_cfg(runs, tmp_path / name, f"reward='{spec}'", "ppo.advantage='grpo'",
+                              "train.steps=1"))
+        scores += [r["objective/scores"] for r in rows_of(tmp_path / name)
+                   if "objective/scores" in r][:1]
+    assert len(scores) == 2 and scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+
 def test_the_labeler_as_the_reward_scores_rollouts_as_the_gold_watch_does(runs, tmp_path,
                                                                           capsys, error_of):
     """reward = "labeler:request" (the ceiling run): the policy's reward is the labeler's

@@ -5,8 +5,10 @@ started (train/ppo.py holds the algorithm and says where it departs from the tex
 
 The policy starts from an SFT run (`init`); a frozen copy of it is the reference; the reward
 model (`reward`, a run of `tinylm reward`) scores answers, and a copy of it, trained per
-token, is the value model. Prompts are conversations (JSONL) cut before their first
-assistant turn and rendered through the policy's chat template with the generation prompt;
+token, is the value model (several runs, comma-separated: an ensemble, the mean of their
+normalised scores; the value model starts from the first). Prompts are conversations (JSONL)
+cut before their first assistant turn and rendered through the policy's chat template with
+the generation prompt;
 an answer ends at the token that closes an assistant turn. `reward = "labeler:request"` puts
 the guideline labeler itself in the reward model's place: not RLHF, but the ceiling a perfect
 reward model would allow.
@@ -61,7 +63,8 @@ class PPOStageConfig:
     out: str = "runs/ppo"
     init: str = ""  # the policy to start from: an SFT run (required)
     ref: str = ""  # the frozen reference of the KL penalty; "" = init (tinylm rlhf: the SFT run)
-    reward: str = ""  # the reward model: a run of `tinylm reward` (required), or
+    reward: str = ""  # the reward model: a run of `tinylm reward` (required); several runs
+    # "RM1,RM2,...": an ensemble, the mean of their normalised scores (ensemble_reward); or
     # "labeler:NAME" for the guideline labeler itself (the ceiling: not RLHF, see labeler_reward)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)
@@ -88,6 +91,20 @@ def reward_fn(model: RewardModel, pad_id: int, device: torch.device,
         last = torch.tensor([len(s) - 1 for s in seqs], device=device)
         h = hidden_states(trunk, ids).float()  # (N, L, C)
         return model.normalized(model.read(h, last)).float().cpu()  # (N,)
+
+    return score
+
+
+def ensemble_reward(scores: list[ppo.RewardFn]) -> ppo.RewardFn:
+    """`reward = "RM1,RM2,..."`: the mean of several reward models' normalised scores. Their
+    errors differ where they were trained on different rankings or seeds, so a policy gains
+    less by exploiting any one of them (Coste et al. 2023, reward-model ensembles against
+    over-optimisation). Each score is already in its own model's spread (reward_fn)."""
+    if len(scores) == 1:
+        return scores[0]
+
+    def score(prompts, answers) -> torch.Tensor:
+        return torch.stack([s(prompts, answers) for s in scores]).mean(0)
 
     return score
 
@@ -172,8 +189,9 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
     if oracle and cfg.ppo.advantage == "gae":
         raise UserError(f"reward = {cfg.reward!r} has no network to start a value model from; "
                         "use ppo.advantage = 'grpo'")
-    rm = None if oracle else load_reward(cfg.reward, tok)
-    value = ppo.PerToken(load_reward(cfg.reward, tok)) if cfg.ppo.advantage == "gae" else None
+    runs = [] if oracle else [r.strip() for r in cfg.reward.split(",") if r.strip()]
+    rms = [load_reward(r, tok) for r in runs]
+    value = ppo.PerToken(load_reward(runs[0], tok)) if cfg.ppo.advantage == "gae" else None
 
     rows = [r.row for r in read_prompts(cfg.data.prompts)]  # the one prompt reader
     train_rows, held_rows = chat.split(rows, cfg.data.val_fraction, cfg.data.split_seed)
@@ -196,8 +214,9 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
             rundir.save_chat_template(run_dir / "value", template)
 
     device = pick_device(cfg.train.device)
-    score = (labeler_reward(oracle, tok, prompts + held, train_rows + held_rows) if rm is None
-             else reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device)))
+    score = (labeler_reward(oracle, tok, prompts + held, train_rows + held_rows) if oracle
+             else ensemble_reward([reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device))
+                                   for rm in rms]))
     models = ppo.Models(policy, ref, score, value)
     trainer = ppo.PPOTrainer(models, prompts, cfg.ppo, cfg.train, run_dir, end_id, tok.pad_id,
                              tokenizer=tok, gold=gold_fn(cfg.data.gold, train_rows),
