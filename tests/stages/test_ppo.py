@@ -124,6 +124,7 @@ def test_the_cli_runs_ppo_and_bad_input_is_one_line(runs, tmp_path, capsys, erro
     assert "does not split into minibatches" in error_of(bad + ["--set",
                                                                "train.batch_size=3"], capsys)
     assert "needs a reward model" in error_of(bad + ["--set", "reward=''"], capsys)
+    assert "needs a reward model" in error_of(bad + ["--set", "reward=' , '"], capsys)
 
 
 def test_the_reward_callable_reads_rollouts_as_the_reward_model_does(runs):

@@ -8,10 +8,9 @@ model (`reward`, a run of `tinylm reward`) scores answers, and a copy of it, tra
 token, is the value model (several runs, comma-separated: an ensemble, the mean of their
 normalised scores; the value model starts from the first). Prompts are conversations (JSONL)
 cut before their first assistant turn and rendered through the policy's chat template with
-the generation prompt;
-an answer ends at the token that closes an assistant turn. `reward = "labeler:request"` puts
-the guideline labeler itself in the reward model's place: not RLHF, but the ceiling a perfect
-reward model would allow.
+the generation prompt; an answer ends at the token that closes an assistant turn.
+`reward = "labeler:request"` puts the guideline labeler itself in the reward model's place:
+not RLHF, but the ceiling a perfect reward model would allow.
 
 Every evaluation (train.eval_every and the ends) samples one answer to each of the first
 data.eval_prompts held-out prompts, with the same seeds each time, and logs what reward
@@ -175,7 +174,7 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
     last evaluation's)."""
     if not cfg.init:
         raise UserError("ppo needs a policy: pass --init SFT_RUN (e.g. runs/sft-tinystories)")
-    if not cfg.reward:
+    if not cfg.reward.strip(" ,"):
         raise UserError("ppo needs a reward model: --set reward='\"RUN\"' (a run of tinylm "
                         "reward)")
     run_dir = prepare_run_dir(cfg.out, resume)
