@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +13,11 @@ from safetensors.torch import load_file
 
 import tinylm
 from tinylm import config as configlib
+from tinylm import rundir
 from tinylm.cli import main
 from tinylm.stages import ppo as ppo_stage
 from tinylm.stages import reward
-from tinylm.tokenizer import train_char
+from tinylm.tokenizer import Tokenizer, train_char
 
 from ..feedback.tiny import story_rows, tiny_chat_run, write_rows
 
@@ -155,6 +157,48 @@ def test_an_ensemble_reward_is_the_mean_of_its_models_scores(runs, tmp_path):
         scores += [r["objective/scores"] for r in rows_of(tmp_path / name)
                    if "objective/scores" in r][:1]
     assert len(scores) == 2 and scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+
+def fake_dpo_run(path: Path, init: Path, shift: float) -> Path:
+    """A run laid out as tinylm dpo writes one: init's weights moved by `shift` noise."""
+    model, tok = tinylm.load(init, family="gpt")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(shift * torch.randn(p.shape, generator=gen))
+    path.mkdir()
+    rundir.save_model(path, model)
+    rundir.save_tokenizers(path, tok)
+    (path / "config.toml").write_text(f"init = '{init}'\nbeta = 0.1\n")
+    return path
+
+
+def test_the_implicit_reward_is_the_dpo_runs_log_ratio_to_its_reference(runs, tmp_path,
+                                                                         capsys, error_of):
+    chat_run, rm, _ = runs
+    tok = Tokenizer.load(chat_run / rundir.TOKENIZER)
+    prompts = [tok.encode("Tell me a story about Tom."), tok.encode("Hi")]
+    answers = [tok.encode("Tom had a ball."), tok.encode("No.")]
+    cpu = torch.device("cpu")
+    same = ppo_stage.implicit_reward(str(fake_dpo_run(tmp_path / "same", chat_run, 0.0)), tok, cpu)
+    assert same(prompts, answers).tolist() == [0.0, 0.0]  # the policy is its reference
+    moved = fake_dpo_run(tmp_path / "moved", chat_run, 0.05)
+
+    def logp(run, p, a):  # the answer's summed log-probability, one full forward
+        model = tinylm.load(run, family="gpt")[0].eval()
+        with torch.no_grad():
+            lp = model(torch.tensor([p + a])).float().log_softmax(-1)[0]
+        return sum(float(lp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+
+    want = [logp(moved, p, a) - logp(chat_run, p, a) for p, a in zip(prompts, answers)]
+    got = ppo_stage.implicit_reward(str(moved), tok, cpu)(prompts, answers)
+    assert got.tolist() == pytest.approx(want, abs=1e-3) and any(abs(w) > 1e-2 for w in want)
+    base = ["ppo", "--init", str(chat_run), "--out", str(tmp_path / "bad"), "--data",
+            str(runs[2]), "--set", "train.steps=1"]
+    assert "not one" in error_of(base + ["--set", f"reward='dpo:{rm}'", "--set",
+                                         "ppo.advantage='grpo'"], capsys)
+    assert "no reward model to start a value model" in error_of(
+        base + ["--set", f"reward='dpo:{moved}'", "--set", "ppo.advantage='gae'"], capsys)
 
 
 def test_the_labeler_as_the_reward_scores_rollouts_as_the_gold_watch_does(runs, tmp_path,

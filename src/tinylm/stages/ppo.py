@@ -36,7 +36,7 @@ from tinylm.data.tokens import TokenData, encode_cached
 from tinylm.errors import UserError
 from tinylm.feedback import labelers
 from tinylm.feedback.collect import read_prompts
-from tinylm.feedback.preferences import hidden_states
+from tinylm.feedback.preferences import hidden_states, sequence_logprobs
 from tinylm.infer.chat import turn_end_ids
 from tinylm.models.heads import RewardModel
 from tinylm.perf import pick_device
@@ -64,6 +64,7 @@ class PPOStageConfig:
     ref: str = ""  # the frozen reference of the KL penalty; "" = init (tinylm rlhf: the SFT run)
     reward: str = ""  # the reward model: a run of `tinylm reward` (required); several runs
     # "RM1,RM2,...": an ensemble, the mean of their normalised scores (ensemble_reward); or
+    # "dpo:RUN" for a DPO run's implicit reward (implicit_reward); or
     # "labeler:NAME" for the guideline labeler itself (the ceiling: not RLHF, see labeler_reward)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     ppo: ppo.PPOConfig = field(default_factory=ppo.PPOConfig)
@@ -71,6 +72,7 @@ class PPOStageConfig:
 
 
 LABELER = "labeler:"
+IMPLICIT = "dpo:"
 
 
 def reward_fn(model: RewardModel, pad_id: int, device: torch.device,
@@ -104,6 +106,37 @@ def ensemble_reward(scores: list[ppo.RewardFn]) -> ppo.RewardFn:
 
     def score(prompts, answers) -> torch.Tensor:
         return torch.stack([s(prompts, answers) for s in scores]).mean(0)
+
+    return score
+
+
+def implicit_reward(run: str, tok: Tokenizer, device: torch.device) -> ppo.RewardFn:
+    """`reward = "dpo:RUN"`: the implicit reward of a DPO run (Rafailov et al. 2023), trained
+    on the rankings as a reward model is: log pi_dpo(y|x) - log pi_ref(y|x), the answer's
+    summed log-probability (its end token included) under the DPO policy less under the
+    reference it was trained against (its `ref`, else `init`), in nats. The DPO policy is
+    the optimum of this reward at `ppo.kl_coef = 1` with that reference; a smaller
+    coefficient goes further the way DPO moved, pi_ref * (pi_dpo / pi_ref) ** (1 / kl_coef).
+    A generative judge: it reads the prompt as the language model does."""
+    path = Path(run)
+    cfg = configlib.read_toml(path / "config.toml") if (path / "config.toml").exists() else {}
+    if "beta" not in cfg:
+        raise UserError(f"reward = 'dpo:{run}' needs a run of tinylm dpo; {run} is not one")
+    if Tokenizer.load(path / rundir.TOKENIZER).fingerprint() != tok.fingerprint():
+        raise UserError(f"the DPO run {run} has another tokenizer than the policy; train it "
+                        "from the same SFT run")
+    models = [rundir.load_model(Path(r), family="gpt").eval().requires_grad_(False).to(device)
+              for r in (run, cfg.get("ref") or cfg["init"])]
+
+    @torch.inference_mode()
+    def score(prompts, answers) -> torch.Tensor:
+        seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
+        width = max(map(len, seqs)) - 1
+        x = ppo.pad_rows([s[:-1] for s in seqs], width, tok.pad_id, torch.long).to(device)
+        y = ppo.pad_rows([[-100] * (len(p) - 1) + list(a) for p, a in zip(prompts, answers)],
+                         width, -100, torch.long).to(device)
+        dpo, ref = (sequence_logprobs(m, x, y).float().cpu() for m in models)
+        return dpo - ref
 
     return score
 
@@ -185,10 +218,11 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
     policy = rundir.load_model(init, family="gpt")
     ref = load_reference(cfg.ref or cfg.init, policy)
     oracle = cfg.reward.removeprefix(LABELER) if cfg.reward.startswith(LABELER) else ""
-    if oracle and cfg.ppo.advantage == "gae":
-        raise UserError(f"reward = {cfg.reward!r} has no network to start a value model from; "
-                        "use ppo.advantage = 'grpo'")
-    runs = [] if oracle else [r.strip() for r in cfg.reward.split(",") if r.strip()]
+    implicit = cfg.reward.removeprefix(IMPLICIT) if cfg.reward.startswith(IMPLICIT) else ""
+    if (oracle or implicit) and cfg.ppo.advantage == "gae":
+        raise UserError(f"reward = {cfg.reward!r} has no reward model to start a value model "
+                        "from; use ppo.advantage = 'grpo'")
+    runs = [] if oracle or implicit else [r.strip() for r in cfg.reward.split(",") if r.strip()]
     rms = [load_reward(r, tok) for r in runs]
     value = ppo.PerToken(load_reward(runs[0], tok)) if cfg.ppo.advantage == "gae" else None
 
@@ -213,9 +247,13 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
             rundir.save_chat_template(run_dir / "value", template)
 
     device = pick_device(cfg.train.device)
-    score = (labeler_reward(oracle, tok, prompts + held, train_rows + held_rows) if oracle
-             else ensemble_reward([reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device))
-                                   for rm in rms]))
+    if oracle:
+        score = labeler_reward(oracle, tok, prompts + held, train_rows + held_rows)
+    elif implicit:
+        score = implicit_reward(implicit, tok, device)
+    else:
+        score = ensemble_reward([reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device))
+                                 for rm in rms])
     models = ppo.Models(policy, ref, score, value)
     trainer = ppo.PPOTrainer(models, prompts, cfg.ppo, cfg.train, run_dir, end_id, tok.pad_id,
                              tokenizer=tok, gold=gold_fn(cfg.data.gold, train_rows),
