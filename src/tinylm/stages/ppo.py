@@ -114,10 +114,11 @@ def implicit_reward(run: str, tok: Tokenizer, device: torch.device) -> ppo.Rewar
     """`reward = "dpo:RUN"`: the implicit reward of a DPO run (Rafailov et al. 2023), trained
     on the rankings as a reward model is: log pi_dpo(y|x) - log pi_ref(y|x), the answer's
     summed log-probability (its end token included) under the DPO policy less under the
-    reference it was trained against (its `ref`, else `init`), in nats. The DPO policy is
-    the optimum of this reward at `ppo.kl_coef = 1` with that reference; a smaller
-    coefficient goes further the way DPO moved, pi_ref * (pi_dpo / pi_ref) ** (1 / kl_coef).
-    A generative judge: it reads the prompt as the language model does."""
+    reference it was trained against (its `ref`, else `init`), in nats. Under the exact
+    KL-regularised objective (coefficient 1, that reference) its optimum is the DPO policy,
+    and a coefficient c < 1 goes further the way DPO moved, pi_ref * (pi_dpo / pi_ref) **
+    (1 / c); GRPO's per-group scaling and the k3 estimator shift where a run ends (docs/
+    rlhf.md). A generative judge: it reads the prompt as the language model does."""
     path = Path(run)
     cfg = configlib.read_toml(path / "config.toml") if (path / "config.toml").exists() else {}
     if "beta" not in cfg:
