@@ -36,7 +36,7 @@ from tinylm.data.tokens import TokenData, encode_cached
 from tinylm.errors import UserError
 from tinylm.feedback import labelers
 from tinylm.feedback.collect import read_prompts
-from tinylm.feedback.preferences import hidden_states, sequence_logprobs
+from tinylm.feedback.preferences import hidden_states
 from tinylm.infer.chat import turn_end_ids
 from tinylm.models.heads import RewardModel
 from tinylm.perf import pick_device
@@ -110,7 +110,8 @@ def ensemble_reward(scores: list[ppo.RewardFn]) -> ppo.RewardFn:
     return score
 
 
-def implicit_reward(run: str, tok: Tokenizer, device: torch.device) -> ppo.RewardFn:
+def implicit_reward(run: str, tok: Tokenizer, device: torch.device,
+                    dtype: torch.dtype | None = None) -> ppo.RewardFn:
     """`reward = "dpo:RUN"`: the implicit reward of a DPO run (Rafailov et al. 2023), trained
     on the rankings as a reward model is: log pi_dpo(y|x) - log pi_ref(y|x), the answer's
     summed log-probability (its end token included) under the DPO policy less under the
@@ -123,20 +124,21 @@ def implicit_reward(run: str, tok: Tokenizer, device: torch.device) -> ppo.Rewar
     cfg = configlib.read_toml(path / "config.toml") if (path / "config.toml").exists() else {}
     if "beta" not in cfg:
         raise UserError(f"reward = 'dpo:{run}' needs a run of tinylm dpo; {run} is not one")
-    if Tokenizer.load(path / rundir.TOKENIZER).fingerprint() != tok.fingerprint():
-        raise UserError(f"the DPO run {run} has another tokenizer than the policy; train it "
-                        "from the same SFT run")
-    models = [rundir.load_model(Path(r), family="gpt").eval().requires_grad_(False).to(device)
-              for r in (run, cfg.get("ref") or cfg["init"])]
+    check_tokenizer(run, tok, "the DPO run")
+    # read as the trainer reads its reference: frozen FastGPT twins, answer_logprobs
+    twins = [ppo.inference_twin(rundir.load_model(Path(r), family="gpt").eval()
+                                .requires_grad_(False).to(device), dtype)
+             for r in (run, cfg.get("ref") or cfg["init"])]
 
     @torch.inference_mode()
     def score(prompts, answers) -> torch.Tensor:
         seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
-        width = max(map(len, seqs)) - 1
-        x = ppo.pad_rows([s[:-1] for s in seqs], width, tok.pad_id, torch.long).to(device)
-        y = ppo.pad_rows([[-100] * (len(p) - 1) + list(a) for p, a in zip(prompts, answers)],
-                         width, -100, torch.long).to(device)
-        dpo, ref = (sequence_logprobs(m, x, y).float().cpu() for m in models)
+        ids = ppo.pad_rows(seqs, max(map(len, seqs)), tok.pad_id, torch.long).to(device)
+        start = torch.tensor([len(p) for p in prompts], device=device)
+        mask = ppo.pad_rows([[1.0] * len(a) for a in answers],
+                            max(1, max(map(len, answers)))).to(device)
+        dpo, ref = (ppo.answer_logprobs(t, ids, start, mask, 1.0)[0].sum(1).float().cpu()
+                    for t in twins)
         return dpo - ref
 
     return score
@@ -164,13 +166,17 @@ def labeler_reward(name: str, tok: Tokenizer, prompts: list[list[int]], rows: li
     return score
 
 
+def check_tokenizer(run: str, tok: Tokenizer, what: str) -> None:
+    """A run that scores the policy's token ids must share the policy's tokenizer."""
+    if Tokenizer.load(Path(run) / rundir.TOKENIZER).fingerprint() != tok.fingerprint():
+        raise UserError(f"{what} {run} has another tokenizer than the policy; train it from "
+                        "the same SFT run (e.g. tinylm reward --init SFT_RUN)")
+
+
 def load_reward(run: str, tok: Tokenizer) -> RewardModel:
     """The reward run's model, checked to share the policy's tokenizer."""
     model = rundir.load_model(Path(run), family="reward")
-    other = Tokenizer.load(Path(run) / rundir.TOKENIZER)
-    if other.fingerprint() != tok.fingerprint():
-        raise UserError(f"the reward model {run} has another tokenizer than the policy; train "
-                        "it from the same SFT run (tinylm reward --init SFT_RUN)")
+    check_tokenizer(run, tok, "the reward model")
     return model
 
 
@@ -251,7 +257,7 @@ def run(cfg: PPOStageConfig, resume: bool = False) -> dict[str, Any]:
     if oracle:
         score = labeler_reward(oracle, tok, prompts + held, train_rows + held_rows)
     elif implicit:
-        score = implicit_reward(implicit, tok, device)
+        score = implicit_reward(implicit, tok, device, train_dtype(cfg.train, device))
     else:
         score = ensemble_reward([reward_fn(rm, tok.pad_id, device, train_dtype(cfg.train, device))
                                  for rm in rms])
