@@ -60,11 +60,12 @@ def make_cfg(base, out: Path, *extra: str) -> rlhf.RLHFConfig:
 def two_rounds(base):
     """Round 1 alone, then --resume to 2 rounds; what round 1 left before the resume."""
     out = base["root"] / "rounds"
-    rlhf.run(make_cfg(base, out, "rounds=1"))
+    first = "data.prompts_first_round=20"  # more than the 18 training prompts: 2 come back
+    rlhf.run(make_cfg(base, out, "rounds=1", first))
     before = {"rounds": json.loads((out / "rounds.json").read_text())["rounds"],
               "mtime": (out / "round-1" / "policy" / "model.safetensors").stat().st_mtime_ns,
               "answers": len(rlhf.round_comparisons(Store(out / "feedback.db"), 1))}
-    rlhf.run(make_cfg(base, out, "rounds=2"), resume=True)
+    rlhf.run(make_cfg(base, out, "rounds=2", first), resume=True)
     return out, before
 
 
@@ -109,6 +110,22 @@ def test_round_two_learns_from_round_one_rankings(two_rounds):
         r = s.scalars(select(Ranking).where(Ranking.round == 2)).first()
     assert a.policy == rounds[0]["policy"] and a.reward_model == rounds[0]["reward"]
     assert r.labeler == "request" and r.policy == a.policy
+
+
+def test_round_one_can_rank_more_than_the_later_rounds(two_rounds):
+    out, _ = two_rounds
+    one, two = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert one["collect"]["prompts"] == 20 and two["collect"]["prompts"] == 6
+    stored = rlhf.round_comparisons(Store(out / "feedback.db"), 1)
+    assert len(stored) == one["collect"]["comparisons"] == 20 - one["collect"]["skipped"]
+
+
+def test_round_slices_wrap_around_after_a_bigger_first_round():
+    rows = list(range(5))
+    assert rlhf.round_prompts(rows, 1, 2) == [0, 1] and rlhf.round_prompts(rows, 3, 2) == [4, 0]
+    assert rlhf.round_prompts(rows, 1, 2, first=7) == [0, 1, 2, 3, 4, 0, 1]
+    assert rlhf.round_prompts(rows, 2, 2, first=7) == [2, 3]
+    assert rlhf.round_prompts(rows, 3, 2, first=7) == [4, 0]
 
 
 def test_resume_continues_after_the_finished_round(two_rounds):
@@ -210,6 +227,7 @@ def test_iterative_dpo_learns_each_round_from_its_own_answers_against_the_last_p
     (["--set", "method='sgd'"], "use ppo or dpo"),
     (["--set", "reference='init'"], "use sft or previous"),
     (["--set", "eval.samples=4"], "needs --temperature > 0"),
+    (["--set", "data.prompts_first_round=-1"], "prompts_first_round must be 0"),
     (["--set", "nope=1"], "unknown config key 'nope'"),
 ])
 def test_bad_settings_are_one_line_errors(base, tmp_path, capsys, error_of, extra, message):

@@ -6,10 +6,12 @@
 
 Round k (1, 2, ...) of `rounds`, starting from the SFT run `init`:
 1. **collect**: the round's prompts (`data.prompts_per_round` of the training prompts, a fresh
-   slice each round, wrapping around) get `collect.k` answers each from the current policy
-   (round 1: the SFT run; then the policy of the round before), sampled by the one engine
-   (feedback.collect.sample_answers) and stored in `<out>/feedback.db` as comparisons tagged
-   with the round, the policy that sampled them and the reward model of the round before.
+   slice each round, wrapping around; round 1 takes `data.prompts_first_round` if set, and
+   more than there are prompts repeats them, each time with new answers) get `collect.k`
+   answers each from the current policy (round 1: the SFT run; then the policy of the round
+   before), sampled by the one engine (feedback.collect.sample_answers) and stored in
+   `<out>/feedback.db` as comparisons tagged with the round, the policy that sampled them and
+   the reward model of the round before.
 2. **rank**: a guideline labeler (`labeler = "request" | "sentiment" | "textblob"`) ranks
    them at once; with `labeler = "web"` the round waits, polling the store and printing a
    progress line, until people on /label (`tinylm serve --run POLICY --db <out>/feedback.db`)
@@ -80,6 +82,9 @@ class RoundsDataConfig:
     heldout: str = "runs/chat/chat-heldout.jsonl"  # prompts for the evaluation only
     task: str = ""  # keep only rows of this make-chat task ("story"); "" = every row
     prompts_per_round: int = 24  # prompts sampled and ranked per round
+    prompts_first_round: int = 0  # round 1's (the SFT run's answers); 0 = prompts_per_round.
+    # InstructGPT's first comparison set was its big one; here ten sets of answers a prompt
+    # make a reward model that reads the request (docs/rlhf.md, "Ten times the rankings")
     eval_prompts: int = 16  # held-out prompts of the evaluation; 0 = all
 
 
@@ -165,6 +170,8 @@ def check(cfg: RLHFConfig) -> None:
         raise UserError(f"collect.k = {cfg.collect.k}: a ranking needs at least 2 answers")
     if cfg.data.prompts_per_round < 1:
         raise UserError("data.prompts_per_round must be at least 1")
+    if cfg.data.prompts_first_round < 0:
+        raise UserError("data.prompts_first_round must be 0 (as prompts_per_round) or more")
     if cfg.labeler == WEB and cfg.web.quota < 1:
         raise UserError("web.quota must be at least 1 ranking per round")
 
@@ -178,10 +185,13 @@ def prompt_rows(path: str, task: str, judge: str) -> list[PromptRow]:
     return rows
 
 
-def round_prompts(rows: list[PromptRow], k: int, n: int) -> list[PromptRow]:
-    """Round k's slice: n prompts after those of rounds 1..k-1, wrapping around."""
-    n = min(n, len(rows))
-    return [rows[((k - 1) * n + i) % len(rows)] for i in range(n)]
+def round_prompts(rows: list[PromptRow], k: int, n: int, first: int = 0) -> list[PromptRow]:
+    """Round k's slice of `rows`, wrapping around: n prompts after those of rounds 1..k-1
+    (round 1 takes `first` if set). A slice longer than `rows` holds a prompt more than once,
+    each time with its own answers."""
+    first = first or n
+    size, start = (first, 0) if k == 1 else (n, first + (k - 2) * n)
+    return [rows[(start + i) % len(rows)] for i in range(size)]
 
 
 # --- (a) collect, (b) rank -----------------------------------------------------------------------
@@ -365,7 +375,7 @@ def one_round(cfg: RLHFConfig, k: int, policy: str, prev_rm: str, train_rows: li
 
     print(f"== round {k}/{cfg.rounds}: policy {policy}")
     counts = collect_round(cfg, k, policy, prev_rm, round_prompts(
-        train_rows, k, cfg.data.prompts_per_round), store)
+        train_rows, k, cfg.data.prompts_per_round, cfg.data.prompts_first_round), store)
     lap("collect")
     if cfg.labeler == WEB:
         counts["rankings"] = wait_for_people(cfg, k, policy, store)
