@@ -84,7 +84,7 @@ class RoundsDataConfig:
     prompts_per_round: int = 24  # prompts sampled and ranked per round
     prompts_first_round: int = 0  # round 1's (the SFT run's answers); 0 = prompts_per_round.
     # InstructGPT's first comparison set was its big one; here ten sets of answers a prompt
-    # make a reward model that reads the request (docs/rlhf.md, "Ten times the rankings")
+    # make a reward model that reads the request (docs/rlhf.md, "Ten rankings a request")
     eval_prompts: int = 16  # held-out prompts of the evaluation; 0 = all
 
 
@@ -444,8 +444,10 @@ def run(cfg: RLHFConfig, resume: bool = False) -> dict[str, Any]:
     prompts_file = out / "prompts-train.jsonl"  # what PPO draws from: the filtered rows
     atomic_write_text(prompts_file, "".join(json.dumps(r.row) + "\n" for r in train_rows))
     store = Store(cfg.store_path)
-    print(f"rlhf: {len(train_rows)} training prompts ({cfg.data.prompts_per_round} a round), "
-          f"{len(held)} held-out; labeler {cfg.labeler}, judge {cfg.gold_judge}, "
+    first = cfg.data.prompts_first_round
+    per_round = f"{first} in round 1, then " if first else ""
+    print(f"rlhf: {len(train_rows)} training prompts ({per_round}{cfg.data.prompts_per_round} "
+          f"a round), {len(held)} held-out; labeler {cfg.labeler}, judge {cfg.gold_judge}, "
           f"{cfg.method}; rounds {len(done) + 1}..{cfg.rounds} into {out}")
     for k in range(len(done) + 1, cfg.rounds + 1):
         policy = done[-1]["policy"] if done else cfg.init
